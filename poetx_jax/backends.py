@@ -1,0 +1,77 @@
+"""Implementations of the layer's primitives, chosen by `implementation` (DESIGN §2).
+
+A backend bundles the Cayley–Neumann map and the three data-path primitives of
+`rotation.py`. `"xla"` is plain jnp and runs anywhere; `"pallas"` is the Triton
+kernels of `poetx_jax.kernels` (GPU, or interpreted on any backend); None picks
+Pallas on a GPU and XLA elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+
+from poetx_jax import cayley, rotation
+
+IMPLEMENTATIONS = ("xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """The primitives one implementation supplies (hashable: a static argument)."""
+
+  name: str
+  cayley_neumann: Callable[..., jax.Array]
+  gather_rotate: Callable[..., jax.Array]
+  rotate_gather: Callable[..., jax.Array]
+  gathered_block_outer_sum: Callable[..., jax.Array]
+
+
+XLA = Backend(
+    name="xla",
+    cayley_neumann=cayley.cayley_neumann,
+    gather_rotate=rotation.gather_rotate,
+    rotate_gather=rotation.rotate_gather,
+    gathered_block_outer_sum=rotation.gathered_block_outer_sum,
+)
+
+
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+@functools.lru_cache(maxsize=None)
+def _pallas_backend(interpret: bool) -> Backend:
+  try:
+    from poetx_jax.kernels import backend as pallas_backend  # pylint: disable=g-import-not-at-top
+  except ImportError as err:  # pragma: no cover - depends on the installed jax
+    raise RuntimeError(f"implementation='pallas' needs jax.experimental.pallas with its Triton backend: {err}") from err
+  return pallas_backend.make_backend(interpret=interpret)
+
+
+def resolve(implementation: str | None, *, interpret: bool = False) -> Backend:
+  """The backend for an `implementation` setting.
+
+  Args:
+    implementation: "xla", "pallas" or None (Pallas on GPU, XLA elsewhere).
+    interpret: run the Pallas kernels in the Pallas interpreter (any backend, slow).
+
+  Raises:
+    ValueError: for an unknown implementation, or "pallas" off-GPU without `interpret`.
+  """
+  if implementation is None:
+    implementation = "pallas" if (_on_gpu() or interpret) else "xla"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.")
+  if implementation == "xla":
+    return XLA
+  if not interpret and not _on_gpu():
+    raise ValueError(
+        f"implementation='pallas' compiles Triton kernels for a GPU, but JAX's backend is"
+        f" {jax.default_backend()!r}; set interpret=True (pallas_interpret in POETConfig) to"
+        " run the kernels in the Pallas interpreter, or use implementation='xla'."
+    )
+  return _pallas_backend(interpret)

@@ -1,0 +1,92 @@
+"""`POETConfig`: every setting of the reparameterization, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax.numpy as jnp
+
+from poetx_jax import backends, ops
+
+
+@dataclasses.dataclass(frozen=True)
+class POETConfig:
+  """What `wrap`, `optimizer` and `merge` need to know (SPEC §1–§8).
+
+  Attributes:
+    block_size: `B`, the side of each orthogonal block; must divide every wrapped
+      layer's `d_in` and `d_out`.
+    merge_interval: `T`, optimizer steps between merges (200 in POET-X, 400 in POET).
+    neumann_terms: `k` of the Cayley–Neumann map (3 in POET-X); None for the exact
+      Cayley map (a batched solve: exactly orthogonal, slower).
+    variant: "fast" (keep the hidden state for the backward) or "mem" (recompute it).
+    targets: regular expression (`re.search`) over "/"-joined module paths of the
+      Dense / DenseGeneral layers to wrap.
+    exclude: regular expression of paths never wrapped (the output head by default).
+    seed: seed of the permutations; with the merge index and the layer path it keys
+      every draw, so replicas merge identically.
+    implementation: "xla", "pallas", or None (Pallas on GPU, XLA elsewhere).
+    pallas_interpret: run the Pallas kernels in the interpreter (tests, CPU).
+    skip_indivisible: train targeted layers whose dimensions `block_size` does not
+      divide as plain dense layers (each one logged) instead of raising.
+    init_scale: scale of the base kernel after each output neuron is normalized to
+      unit L2 norm ("normalized Gaussian", SPEC §7); None keeps the layer's own
+      initializer unnormalized.
+    param_dtype: dtype of the orthogonal parameters (and so of their Adam moments).
+    poet_lr_scale: the orthogonal parameters train at `poet_learning_rate × this`.
+    clip_ramp_steps: after each merge the clip threshold ramps from 0.1× to 1× over
+      this many steps (SPEC §8); 0 disables the ramp.
+    clip_ramp_until: the ramp applies only while `step < clip_ramp_until`
+      (`gd_warmup_steps` of the public code); None means for the whole run.
+  """
+
+  block_size: int = 256
+  merge_interval: int = 200
+  neumann_terms: int | None = 3
+  variant: str = "fast"
+  targets: str = r".*"
+  exclude: str = r"(^|/)(lm_head|head)(/|$)"
+  seed: int = 0
+  implementation: str | None = None
+  pallas_interpret: bool = False
+  skip_indivisible: bool = False
+  init_scale: float | None = 1.0
+  param_dtype: str = "float32"
+  poet_lr_scale: float = 0.5
+  clip_ramp_steps: int = 10
+  clip_ramp_until: int | None = None
+
+  def __post_init__(self):
+    problems = []
+    if not isinstance(self.block_size, int) or self.block_size < 2:
+      problems.append(f"block_size must be an int >= 2, got {self.block_size!r}")
+    if not isinstance(self.merge_interval, int) or self.merge_interval < 1:
+      problems.append(f"merge_interval must be an int >= 1, got {self.merge_interval!r}")
+    if self.neumann_terms is not None and (not isinstance(self.neumann_terms, int) or self.neumann_terms < 0):
+      problems.append(f"neumann_terms must be an int >= 0 or None (exact Cayley), got {self.neumann_terms!r}")
+    if self.variant not in ops.VARIANTS:
+      problems.append(f"variant must be one of {ops.VARIANTS}, got {self.variant!r}")
+    if self.implementation not in backends.IMPLEMENTATIONS + (None,):
+      problems.append(f"implementation must be one of {backends.IMPLEMENTATIONS} or None, got {self.implementation!r}")
+    for name in ("targets", "exclude"):
+      try:
+        re.compile(getattr(self, name))
+      except re.error as err:
+        problems.append(f"{name} is not a valid regular expression ({err})")
+    if self.init_scale is not None and not self.init_scale > 0:
+      problems.append(f"init_scale must be > 0 or None, got {self.init_scale!r}")
+    try:
+      jnp.dtype(self.param_dtype)
+    except TypeError:
+      problems.append(f"param_dtype {self.param_dtype!r} is not a dtype name")
+    if not self.poet_lr_scale > 0:
+      problems.append(f"poet_lr_scale must be > 0, got {self.poet_lr_scale!r}")
+    if self.clip_ramp_steps < 0:
+      problems.append(f"clip_ramp_steps must be >= 0, got {self.clip_ramp_steps!r}")
+    if problems:
+      raise ValueError("Invalid POETConfig: " + "; ".join(problems) + ".")
+
+  def is_target(self, path: str) -> bool:
+    """Whether the layer at this "/"-joined module path is wrapped."""
+    return re.search(self.targets, path) is not None and re.search(self.exclude, path) is None

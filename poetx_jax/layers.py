@@ -1,0 +1,159 @@
+"""The POET-X computation of one intercepted `nn.Dense` / `nn.DenseGeneral` call.
+
+Runs inside the intercepted module's own (compact) scope, so the variables it
+creates sit at the layer's own path:
+
+* `params/<path>/q_in`, `q_out`: packed skew generators (zeros at init and after
+  every merge), and `bias` when the layer has one;
+* `poet/<path>/base_kernel`: `K_s`, the frozen base kernel already permuted, in the
+  layer's kernel shape and `param_dtype`;
+* `poet/<path>/perm_in_inv`, `perm_out`: the two gathers of the forward;
+* `poet/<path>/neumann_terms`: `k` (int32, -1 for exact), so that exports and
+  monitoring need the variables alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
+
+from poetx_jax import cayley, ops, permutation, skew
+from poetx_jax.config import POETConfig
+
+logger = logging.getLogger("poetx_jax")
+
+POET_COLLECTION = "poet"
+BASE_KERNEL = "base_kernel"
+PERM_IN_INV = "perm_in_inv"
+PERM_OUT = "perm_out"
+NEUMANN_TERMS = "neumann_terms"
+Q_IN = "q_in"
+Q_OUT = "q_out"
+ORTHOGONAL_PARAMS = (Q_IN, Q_OUT)
+
+
+def module_path(module: nn.Module) -> str:
+  """The "/"-joined path of a bound module, as `targets` and `exclude` see it."""
+  return "/".join(str(p) for p in module.path)
+
+
+def _dense_geometry(module: nn.Module, inputs: jax.Array) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(contracted input axes, output features) of a Dense or DenseGeneral call."""
+  if isinstance(module, nn.DenseGeneral):
+    batch_dims = tuple(np.atleast_1d(module.batch_dims))
+    if batch_dims:
+      raise ValueError(
+          f"POET-X cannot wrap DenseGeneral {module_path(module)!r} with batch_dims={batch_dims}:"
+          " exclude it with POETConfig.exclude."
+      )
+    axis = tuple(int(a) % inputs.ndim for a in np.atleast_1d(module.axis))
+    features = tuple(int(f) for f in np.atleast_1d(module.features))
+    return axis, features
+  return (inputs.ndim - 1,), (int(module.features),)
+
+
+def _check_supported(module: nn.Module) -> None:
+  if getattr(module, "dot_general", None) is not None or getattr(module, "dot_general_cls", None) is not None:
+    raise ValueError(
+        f"layer {module_path(module)!r} sets a custom dot_general, which POET-X would replace;"
+        " exclude it with POETConfig.exclude."
+    )
+
+
+def _normalized_base_kernel(module: nn.Module, d_in: int, d_out: int, config: POETConfig, path: str):
+  """`K0` from the layer's own initializer, columns scaled to unit L2 norm, then permuted."""
+  boxed = module.kernel_init(module.make_rng("params"), (d_in, d_out), module.param_dtype)
+  k0_IxO = (boxed.unbox() if isinstance(boxed, meta.AxisMetadata) else boxed).astype(jnp.float32)
+  if config.init_scale is not None:
+    k0_IxO = config.init_scale * k0_IxO / jnp.maximum(jnp.linalg.norm(k0_IxO, axis=0, keepdims=True), 1e-12)
+  perm_in_inv, perm_out = permutation.draw_permutations(permutation.layer_key(config.seed, 0, path), d_in, d_out)
+  k_s = ops.permuted_base_kernel(k0_IxO, perm_in_inv, perm_out).astype(module.param_dtype)
+  return boxed, k_s
+
+
+def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, next_fun) -> jax.Array:
+  """Replaces one Dense/DenseGeneral call by the POET-X computation (or opts it out)."""
+  path = module_path(module)
+  _check_supported(module)
+  axis, features = _dense_geometry(module, inputs)
+  in_dims = tuple(inputs.shape[a] for a in axis)
+  d_in, d_out = int(np.prod(in_dims)), int(np.prod(features))
+  block = config.block_size
+  if d_in % block or d_out % block:
+    message = (
+        f"POET-X layer {path!r} has kernel shape {in_dims + features} (d_in={d_in}, d_out={d_out}),"
+        f" which block_size={block} does not divide"
+    )
+    if not config.skip_indivisible:
+      raise ValueError(
+          message + ": choose a block size that divides both, exclude the layer with POETConfig.exclude,"
+          " or set POETConfig.skip_indivisible=True to train such layers as plain dense layers."
+      )
+    if module.is_initializing():
+      logger.warning("%s; trained as a plain dense layer (skip_indivisible=True).", message)
+    return next_fun(inputs)
+
+  if not module.is_initializing() and not module.has_variable(POET_COLLECTION, BASE_KERNEL):
+    raise ValueError(
+        f"layer {path!r} has no frozen POET-X state: pass the whole variables dict"
+        f" (with its {POET_COLLECTION!r} collection) to apply, not only 'params'."
+    )
+  kernel_shape = in_dims + features
+  packed = skew.packed_size(block)
+  q_dtype = jnp.dtype(config.param_dtype)
+  q_in = module.param(Q_IN, nn.initializers.zeros_init(), (d_in // block, packed), q_dtype)
+  q_out = module.param(Q_OUT, nn.initializers.zeros_init(), (d_out // block, packed), q_dtype)
+
+  def init_base_kernel():
+    boxed, k_s = _normalized_base_kernel(module, d_in, d_out, config, path)
+    k_s = k_s.reshape(kernel_shape)
+    return meta.replace_boxed(boxed, k_s) if isinstance(boxed, meta.AxisMetadata) else k_s
+
+  def init_perms():
+    return permutation.draw_permutations(permutation.layer_key(config.seed, 0, path), d_in, d_out)
+
+  base_kernel = module.variable(POET_COLLECTION, BASE_KERNEL, init_base_kernel).value
+  perm_in_inv = module.variable(POET_COLLECTION, PERM_IN_INV, lambda: init_perms()[0]).value
+  perm_out = module.variable(POET_COLLECTION, PERM_OUT, lambda: init_perms()[1]).value
+  module.variable(
+      POET_COLLECTION, NEUMANN_TERMS, lambda: jnp.asarray(cayley.encode_neumann_terms(config.neumann_terms), jnp.int32)
+  )
+  bias = None
+  if module.use_bias:
+    bias = module.param(
+        "bias", lambda rng, shape, dtype: module.bias_init(rng, (d_out,), dtype).reshape(shape), features, module.param_dtype
+    )
+
+  inputs, base_kernel, bias = nn.dtypes.promote_dtype(inputs, base_kernel, bias, dtype=module.dtype)
+  lead_axes = tuple(a for a in range(inputs.ndim) if a not in axis)
+  x_NI = jnp.transpose(inputs, lead_axes + axis) if axis != tuple(range(inputs.ndim - len(axis), inputs.ndim)) else inputs
+  lead_shape = tuple(inputs.shape[a] for a in lead_axes)
+  y_NO = ops.poet_linear(
+      x_NI.reshape(lead_shape + (d_in,)),
+      base_kernel.reshape(d_in, d_out),
+      q_in,
+      q_out,
+      perm_in_inv,
+      perm_out,
+      block_size=block,
+      neumann_terms=config.neumann_terms,
+      variant=config.variant,
+      implementation=config.implementation,
+      interpret=config.pallas_interpret,
+      precision=module.precision,
+  )
+  y = y_NO.reshape(lead_shape + features)
+  if bias is not None:
+    y = y + bias
+  return y
+
+
+def is_poet_layer(tree: Any) -> bool:
+  """Whether a node of the `poet` collection is one wrapped layer's frozen state."""
+  return hasattr(tree, "keys") and BASE_KERNEL in tree and PERM_IN_INV in tree and PERM_OUT in tree

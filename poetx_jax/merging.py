@@ -1,0 +1,130 @@
+"""Merge-then-reinitialize (SPEC §6), exports of plain dense parameters.
+
+A merge folds the current rotations into the frozen base kernels in float32, draws
+new permutations from (seed, merge index, layer path), zeroes the orthogonal
+parameters and resets their Adam moments; the function of the network is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from poetx_jax import cayley, layers, ops, optim, permutation, skew, tree_paths
+from poetx_jax.config import POETConfig
+
+Variables = dict[str, Any]
+
+
+def _layer_blocks(q_layer, neumann_terms, dynamic: bool):
+  """`(G_in, G_out)` of one layer in float32."""
+  blocks = []
+  for name in layers.ORTHOGONAL_PARAMS:
+    q_RxE = tree_paths.unboxed(q_layer[name])
+    block = skew.block_size_from_packed(q_RxE.shape[-1])
+    if dynamic:
+      blocks.append(cayley.cayley_neumann_dynamic(q_RxE, block, neumann_terms))
+    else:
+      blocks.append(cayley.cayley_neumann(q_RxE, block, neumann_terms))
+  return tuple(blocks)
+
+
+def _flat_effective_kernel(state, g_in, g_out) -> jax.Array:
+  perm_in_inv = tree_paths.unboxed(state[layers.PERM_IN_INV])
+  perm_out = tree_paths.unboxed(state[layers.PERM_OUT])
+  k_s = tree_paths.unboxed(state[layers.BASE_KERNEL])
+  return ops.effective_kernel(k_s.reshape(perm_in_inv.shape[0], perm_out.shape[0]), g_in, g_out, perm_in_inv, perm_out)
+
+
+def _check_unstacked(path, state):
+  if tree_paths.unboxed(state[layers.PERM_IN_INV]).ndim != 1:
+    raise ValueError(
+        f"layer {'/'.join(path)!r} holds stacked POET-X state (e.g. from nn.scan);"
+        " merges support unstacked layers only: unroll the scan."
+    )
+
+
+def merge(variables: Variables, opt_state: Any, config: POETConfig, merge_index: jax.Array | int) -> tuple[Variables, Any]:
+  """Folds every wrapped layer's rotations into its base kernel (SPEC §6), jit-safe.
+
+  Args:
+    variables: `{"params": ..., "poet": ..., ...}` of a wrapped model.
+    opt_state: the state of `poetx_jax.optimizer` (or any optax state holding it).
+    config: the `POETConfig` the model was wrapped with.
+    merge_index: which merge this is (>= 1); keys the new permutations.
+
+  Returns:
+    `(variables, opt_state)` with new `K_s` and permutations, zero orthogonal
+    parameters, and their Adam moments and step count reset. Every other
+    parameter, optimizer state and the learning-rate schedules go on.
+  """
+  params, poet = variables["params"], variables[layers.POET_COLLECTION]
+  for path, state in tree_paths.poet_layers(poet):
+    _check_unstacked(path, state)
+    q_layer = tree_paths.get_path(params, path)
+    g_in, g_out = _layer_blocks(q_layer, config.neumann_terms, dynamic=False)
+    k_true_IxO = _flat_effective_kernel(state, g_in, g_out)
+    d_in, d_out = k_true_IxO.shape
+    key = permutation.layer_key(config.seed, merge_index, "/".join(path))
+    perm_in_inv, perm_out = permutation.draw_permutations(key, d_in, d_out)
+    old_kernel = state[layers.BASE_KERNEL]
+    old_k = tree_paths.unboxed(old_kernel)
+    new_k = ops.permuted_base_kernel(k_true_IxO, perm_in_inv, perm_out).astype(old_k.dtype).reshape(old_k.shape)
+    new_state = dict(state)
+    new_state[layers.BASE_KERNEL] = tree_paths.reboxed(old_kernel, new_k)
+    new_state[layers.PERM_IN_INV] = tree_paths.reboxed(state[layers.PERM_IN_INV], perm_in_inv)
+    new_state[layers.PERM_OUT] = tree_paths.reboxed(state[layers.PERM_OUT], perm_out)
+    poet = tree_paths.with_path(poet, path, new_state)
+    new_q = dict(q_layer)
+    for name in layers.ORTHOGONAL_PARAMS:
+      new_q[name] = jax.tree_util.tree_map(jnp.zeros_like, q_layer[name])
+    params = tree_paths.with_path(params, path, new_q)
+  variables = {**variables, "params": params, layers.POET_COLLECTION: poet}
+  return variables, optim.reset_orthogonal_state(opt_state)
+
+
+def should_merge(step: jax.Array | int, config: POETConfig) -> jax.Array:
+  """`step > 0 and step % merge_interval == 0`."""
+  step = jnp.asarray(step)
+  return (step > 0) & (step % config.merge_interval == 0)
+
+
+def merge_if_needed(step: jax.Array | int, variables: Variables, opt_state: Any, config: POETConfig) -> tuple[Variables, Any]:
+  """Merges when `step > 0 and step % merge_interval == 0`, through `jax.lax.cond`.
+
+  Call it in the jitted train step after the optimizer update, with `step` the
+  number of updates applied so far. The merge index is `step // merge_interval`.
+  """
+  step = jnp.asarray(step)
+  return jax.lax.cond(
+      should_merge(step, config),
+      lambda v, o: merge(v, o, config, step // config.merge_interval),
+      lambda v, o: (v, o),
+      variables,
+      opt_state,
+  )
+
+
+def effective_params(variables: Variables) -> dict[str, Any]:
+  """Plain parameters of the *unwrapped* model: `kernel = K_eff` for every wrapped layer.
+
+  Reads `k` from the variables (`neumann_terms`), so no config is needed. Kernels
+  are computed in float32 and stored in the base kernel's dtype.
+
+  Returns:
+    A `params` tree for `model.apply({"params": ...}, ...)`.
+  """
+  params, poet = variables["params"], variables[layers.POET_COLLECTION]
+  for path, state in tree_paths.poet_layers(poet):
+    _check_unstacked(path, state)
+    q_layer = tree_paths.get_path(params, path)
+    g_in, g_out = _layer_blocks(q_layer, tree_paths.unboxed(state[layers.NEUMANN_TERMS]), dynamic=True)
+    base_kernel = state[layers.BASE_KERNEL]
+    k_s = tree_paths.unboxed(base_kernel)
+    kernel = _flat_effective_kernel(state, g_in, g_out).astype(k_s.dtype).reshape(k_s.shape)
+    dense = {k: v for k, v in q_layer.items() if k not in layers.ORTHOGONAL_PARAMS}
+    dense["kernel"] = tree_paths.reboxed(base_kernel, kernel)
+    params = tree_paths.with_path(params, path, dense)
+  return params

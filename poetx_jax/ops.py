@@ -1,0 +1,164 @@
+"""The POET-X linear map `y = x · P·K_s·R` computed input-centrically (SPEC §4).
+
+`K_eff` is never formed in the forward: two gathers, two sets of `B x B` block
+products and one large GEMM. The backward is written by hand (a `custom_vjp`) so
+that gathers transpose into inverse gathers, `K_s` gets no gradient (so there is
+no third GEMM), and the two variants differ only in what they keep:
+
+* `fast` keeps `x` and `h = x[perm_in_inv]·BD(G_in)·K_s`;
+* `mem` keeps only `x` and recomputes `h` in the backward (one extra GEMM).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from poetx_jax import backends, cayley, permutation, rotation
+
+VARIANTS = ("fast", "mem")
+
+
+def _matmul(a: jax.Array, b: jax.Array, precision) -> jax.Array:
+  return jnp.matmul(a, b.astype(a.dtype), precision=precision)
+
+
+def _hidden(backend, x_NI, k_IxO, g_in, perm_in_inv, precision):
+  return _matmul(backend.gather_rotate(x_NI, perm_in_inv, g_in), k_IxO, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _rotated_linear(backend, keep_hidden, precision, x_NI, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out, perm_out_inv):
+  del keep_hidden, perm_in, perm_out_inv
+  h_NO = _hidden(backend, x_NI, k_IxO, g_in, perm_in_inv, precision)
+  return backend.rotate_gather(h_NO, g_out, perm_out)
+
+
+def _rotated_linear_fwd(backend, keep_hidden, precision, x_NI, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out, perm_out_inv):
+  h_NO = _hidden(backend, x_NI, k_IxO, g_in, perm_in_inv, precision)
+  y_NO = backend.rotate_gather(h_NO, g_out, perm_out)
+  saved_h = h_NO if keep_hidden else None
+  return y_NO, (x_NI, saved_h, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out_inv)
+
+
+def _rotated_linear_bwd(backend, keep_hidden, precision, residuals, dy_NO):
+  del keep_hidden
+  x_NI, h_NO, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out_inv = residuals
+  if h_NO is None:  # mem: recompute the hidden state, one extra large GEMM
+    h_NO = _hidden(backend, x_NI, k_IxO, g_in, perm_in_inv, precision)
+  block_in, block_out = g_in.shape[-1], g_out.shape[-1]
+  # dG_out[i] = Σ h_iᵀ g1_i with g1 = dy[perm_out_inv]; dh = g1 · BD(G_out)ᵀ.
+  dg_out = backend.gathered_block_outer_sum(h_NO, None, dy_NO, perm_out_inv, block_out)
+  dh_NO = backend.gather_rotate(dy_NO, perm_out_inv, g_out, transpose=True)
+  dxr_NI = _matmul(dh_NO, k_IxO.T, precision)  # the second large GEMM; K_s gets no gradient
+  # dG_in[j] = Σ xp_jᵀ dxr_j with xp = x[perm_in_inv]; dx = (dxr · BD(G_in)ᵀ)[perm_in].
+  dg_in = backend.gathered_block_outer_sum(x_NI, perm_in_inv, dxr_NI, None, block_in)
+  dx_NI = backend.rotate_gather(dxr_NI, g_in, perm_in, transpose=True)
+  return (dx_NI, None, dg_in.astype(g_in.dtype), dg_out.astype(g_out.dtype), None, None, None, None)
+
+
+_rotated_linear.defvjp(_rotated_linear_fwd, _rotated_linear_bwd)
+
+
+def check_shapes(x_shape, k_shape, q_in_shape, q_out_shape, block_size: int) -> None:
+  """Raises one ValueError naming what to change when shapes and block size disagree."""
+  d_in, d_out = k_shape
+  if x_shape[-1] != d_in:
+    raise ValueError(f"input has {x_shape[-1]} features, the base kernel expects {d_in}.")
+  for name, d, q_shape in (("d_in", d_in, q_in_shape), ("d_out", d_out, q_out_shape)):
+    if d % block_size:
+      raise ValueError(f"{name}={d} is not divisible by block_size={block_size}.")
+    expected = (d // block_size, block_size * (block_size - 1) // 2)
+    if tuple(q_shape) != expected:
+      raise ValueError(f"orthogonal parameters for {name} have shape {tuple(q_shape)}, expected {expected}.")
+
+
+def poet_linear(
+    x_NI: jax.Array,
+    base_kernel_IxO: jax.Array,
+    q_in_RxE: jax.Array,
+    q_out_RxE: jax.Array,
+    perm_in_inv_I: jax.Array,
+    perm_out_O: jax.Array,
+    *,
+    block_size: int,
+    neumann_terms: int | None = 3,
+    variant: str = "fast",
+    implementation: str | None = None,
+    interpret: bool = False,
+    precision=None,
+) -> jax.Array:
+  """One POET-X linear map, `y = x[..., perm_in_inv]·BD(G_in)·K_s·BD(G_out)[..., perm_out]`.
+
+  Args:
+    x_NI: `(..., I)` inputs; the computation runs in their dtype.
+    base_kernel_IxO: `(I, O)` frozen `K_s`, stored permuted (cast to `x`'s dtype).
+    q_in_RxE: `(I/B, E)` packed generators of the input-side blocks.
+    q_out_RxE: `(O/B, E)` packed generators of the output-side blocks.
+    perm_in_inv_I: `(I,)` int32, the input gather.
+    perm_out_O: `(O,)` int32, the output gather.
+    block_size: `B`.
+    neumann_terms: `k` of the Cayley–Neumann map; None for the exact Cayley map.
+    variant: "fast" (keep `h`) or "mem" (recompute it in the backward).
+    implementation: "xla", "pallas" or None (Pallas on GPU); see `backends.resolve`.
+    interpret: run Pallas kernels in the interpreter.
+    precision: `jax.lax.Precision` of the two large GEMMs.
+
+  Returns:
+    `(..., O)` outputs in `x`'s dtype.
+
+  Raises:
+    ValueError: for a bad variant, implementation or shape.
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+  check_shapes(x_NI.shape, base_kernel_IxO.shape, q_in_RxE.shape, q_out_RxE.shape, block_size)
+  backend = backends.resolve(implementation, interpret=interpret)
+  g_in = backend.cayley_neumann(q_in_RxE, block_size, neumann_terms)
+  g_out = backend.cayley_neumann(q_out_RxE, block_size, neumann_terms)
+  lead_shape = x_NI.shape[:-1]
+  x_2d = x_NI.reshape(-1, x_NI.shape[-1])
+  y_2d = _rotated_linear(
+      backend,
+      variant == "fast",
+      precision,
+      x_2d,
+      base_kernel_IxO,
+      g_in,
+      g_out,
+      perm_in_inv_I,
+      permutation.invert(perm_in_inv_I),
+      perm_out_O,
+      permutation.invert(perm_out_O),
+  )
+  return y_2d.reshape(lead_shape + (base_kernel_IxO.shape[-1],))
+
+
+def poet_linear_reference(
+    x_NI, base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O, *, block_size, neumann_terms=3
+):
+  """SPEC §4 literally, differentiated by autodiff: the reference for both variants."""
+  g_in = cayley.cayley_neumann_reference(q_in_RxE, block_size, neumann_terms)
+  g_out = cayley.cayley_neumann_reference(q_out_RxE, block_size, neumann_terms)
+  xr = rotation.rotate_blocks(jnp.take(x_NI, perm_in_inv_I, axis=-1), g_in)
+  h = xr @ base_kernel_IxO.astype(x_NI.dtype)
+  return jnp.take(rotation.rotate_blocks(h, g_out), perm_out_O, axis=-1)
+
+
+def effective_kernel(
+    base_kernel_IxO: jax.Array, g_in: jax.Array, g_out: jax.Array, perm_in_inv_I: jax.Array, perm_out_O: jax.Array
+) -> jax.Array:
+  """`K_eff = Π(perm_in_inv)·BD(G_in)·K_s·BD(G_out)·Π(perm_out)` in float32 (SPEC §4, §6.1).
+
+  `K_eff[r, c] = M[perm_in[r], perm_out[c]]` with `M = BD(G_in)·K_s·BD(G_out)`.
+  """
+  m_IxO = rotation.rotate_matrix_rows(base_kernel_IxO.astype(jnp.float32), g_in.astype(jnp.float32))
+  m_IxO = rotation.rotate_matrix_cols(m_IxO, g_out.astype(jnp.float32))
+  return m_IxO[permutation.invert(perm_in_inv_I)][:, perm_out_O]
+
+
+def permuted_base_kernel(k_true_IxO: jax.Array, perm_in_inv_I: jax.Array, perm_out_O: jax.Array) -> jax.Array:
+  """`K_s = K_true[perm_in_inv][:, perm_out_inv]`: with `G = I` the layer computes `K_true` (SPEC §6.3)."""
+  return k_true_IxO[perm_in_inv_I][:, permutation.invert(perm_out_O)]

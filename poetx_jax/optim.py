@@ -1,0 +1,158 @@
+"""POET-X's optimizer as an optax transformation (SPEC §8), and its merge reset.
+
+Three AdamW groups (b1 0.9, b2 0.999, eps 1e-6 added to `sqrt(v_hat)`), chosen by
+one path labeller:
+
+* `orthogonal`: the packed generators `q_in`, `q_out` at `poet_lr × poet_lr_scale`,
+  no weight decay; their moments and Adam step count are reset at every merge;
+* `matrix`: every other parameter with `ndim >= 2` (embeddings, head, unwrapped
+  layers) at the base rate with weight decay;
+* `vector`: norms and biases at the base rate without decay.
+
+One global-norm clip over all gradients comes first; after each merge it ramps
+from 0.1× to 1× over `clip_ramp_steps` updates.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from poetx_jax import layers
+from poetx_jax.config import POETConfig
+
+ORTHOGONAL = "orthogonal"
+MATRIX = "matrix"
+VECTOR = "vector"
+
+ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
+
+
+def _leaf_name(path) -> str:
+  last = path[-1]
+  return str(getattr(last, "key", getattr(last, "name", last)))
+
+
+def param_labels(params: Any) -> Any:
+  """The group of every parameter: "orthogonal", "matrix" or "vector"."""
+
+  def label(path, leaf):
+    if _leaf_name(path) in layers.ORTHOGONAL_PARAMS:
+      return ORTHOGONAL
+    return MATRIX if jnp.ndim(leaf) >= 2 else VECTOR
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _scaled(rate: ScalarOrSchedule, scale: float) -> ScalarOrSchedule:
+  if callable(rate):
+    return lambda count: rate(count) * scale
+  return rate * scale
+
+
+def clip_threshold_schedule(clip_norm: float, config: POETConfig) -> Callable[[jax.Array], jax.Array]:
+  """The clip threshold at update `count` (0-based): ramped for a few updates after each merge.
+
+  `clip × (0.1 + 0.9·c / ramp_steps)` with `c = count mod merge_interval`, when a merge
+  happened just before (`count >= merge_interval`), `c < ramp_steps`, and
+  `count < clip_ramp_until` (if set); `clip` otherwise.
+  """
+
+  def threshold(count):
+    cycle = count % config.merge_interval
+    ramp = config.clip_ramp_steps
+    active = (count >= config.merge_interval) & (cycle < ramp)
+    if config.clip_ramp_until is not None:
+      active &= count < config.clip_ramp_until
+    factor = jnp.where(active, 0.1 + 0.9 * cycle / max(ramp, 1), 1.0)
+    return jnp.asarray(clip_norm, jnp.float32) * factor
+
+  return threshold
+
+
+def optimizer(
+    config: POETConfig,
+    learning_rate: ScalarOrSchedule,
+    poet_learning_rate: ScalarOrSchedule,
+    *,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-6,
+) -> optax.GradientTransformation:
+  """POETAdamW: the optax transformation POET-X trains with (SPEC §8).
+
+  Args:
+    config: the `POETConfig` (merge interval, lr scale, clip ramp).
+    learning_rate: base rate (float or optax schedule) of every non-orthogonal parameter.
+    poet_learning_rate: rate of the orthogonal parameters before `config.poet_lr_scale`.
+    weight_decay: decoupled decay of the `matrix` group only.
+    clip_norm: global-norm clip over all gradients; None disables clipping.
+    b1, b2, eps: Adam's constants (eps is added to `sqrt(v_hat)`).
+
+  Returns:
+    An `optax.GradientTransformation`; give it `variables["params"]` only.
+  """
+
+  def adamw(rate, decay):
+    return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay)
+
+  groups = optax.multi_transform(
+      {
+          ORTHOGONAL: adamw(_scaled(poet_learning_rate, config.poet_lr_scale), 0.0),
+          MATRIX: adamw(learning_rate, weight_decay),
+          VECTOR: adamw(learning_rate, 0.0),
+      },
+      param_labels,
+  )
+  if clip_norm is None:
+    return groups
+  if not clip_norm > 0:
+    raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm!r}.")
+  clip = optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=clip_threshold_schedule(clip_norm, config))
+  return optax.chain(clip, groups)
+
+
+def _zero_adam(state: Any) -> Any:
+  def reset(node):
+    if isinstance(node, optax.ScaleByAdamState):
+      return optax.ScaleByAdamState(
+          count=jnp.zeros_like(node.count),
+          mu=jax.tree_util.tree_map(jnp.zeros_like, node.mu),
+          nu=jax.tree_util.tree_map(jnp.zeros_like, node.nu),
+      )
+    return node
+
+  return jax.tree_util.tree_map(reset, state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
+
+
+def reset_orthogonal_state(opt_state: Any) -> Any:
+  """Zeroes Adam's moments and step count of the `orthogonal` group only (SPEC §6.4).
+
+  The learning-rate schedules (their own counters), the clip counter and every
+  other group's state go on.
+
+  Raises:
+    ValueError: if `opt_state` holds no state of `poetx_jax.optimizer`.
+  """
+  found = []
+
+  def reset(node):
+    if isinstance(node, optax.MultiTransformState) and ORTHOGONAL in node.inner_states:
+      found.append(True)
+      inner = dict(node.inner_states)
+      inner[ORTHOGONAL] = _zero_adam(inner[ORTHOGONAL])
+      return node._replace(inner_states=inner)
+    return node
+
+  new_state = jax.tree_util.tree_map(reset, opt_state, is_leaf=lambda n: isinstance(n, optax.MultiTransformState))
+  if not found:
+    raise ValueError(
+        "the optimizer state holds no 'orthogonal' group: build the optimizer with"
+        " poetx_jax.optimizer so that merges can reset the orthogonal parameters' moments."
+    )
+  return new_state

@@ -1,0 +1,97 @@
+"""Block-diagonal rotations applied without building the block-diagonal matrix.
+
+`x @ BD(G)` for `G` of shape `(R, B, B)` is `R` batched `B x B` products on the
+feature axis split as `(R, B)`: about `2·N·D·B` FLOPs instead of `2·N·D²`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`einsum` with float32 accumulation and output.
+
+  XLA:CPU has no bf16 x bf16 -> f32 dot, so there the operands are upcast first;
+  elsewhere the dot reads them in their own dtype.
+  """
+  if jax.default_backend() == "cpu":
+    return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def rotate_blocks(x_ND: jax.Array, g_RxBxB: jax.Array, *, transpose: bool = False) -> jax.Array:
+  """`x @ BD(G)` (or `x @ BD(G)ᵀ`), accumulated in float32, returned in `x`'s dtype.
+
+  Args:
+    x_ND: `(..., D)` with `D = R·B`.
+    g_RxBxB: `(R, B, B)` blocks, cast to `x`'s dtype for the product.
+    transpose: multiply by each block's transpose (the backward of a rotation).
+
+  Returns:
+    `(..., D)` rotated features.
+  """
+  num_blocks, block, _ = g_RxBxB.shape
+  x_NxRxB = x_ND.reshape(x_ND.shape[:-1] + (num_blocks, block))
+  spec = "...rb,rcb->...rc" if transpose else "...rb,rbc->...rc"
+  y_NxRxB = einsum_f32(spec, x_NxRxB, g_RxBxB.astype(x_ND.dtype))
+  return y_NxRxB.astype(x_ND.dtype).reshape(x_ND.shape)
+
+
+def block_outer_sum(a_ND: jax.Array, g_ND: jax.Array, block_size: int) -> jax.Array:
+  """`dG[r] = Σ_tokens a_rᵀ g_r` per block: the cotangent of the blocks, in float32.
+
+  Args:
+    a_ND: `(..., D)` the rotation's input.
+    g_ND: `(..., D)` the cotangent of its output.
+    block_size: `B`.
+
+  Returns:
+    `(R, B, B)` float32.
+  """
+  d = a_ND.shape[-1]
+  a_NxRxB = a_ND.reshape(-1, d // block_size, block_size)
+  g_NxRxB = g_ND.reshape(-1, d // block_size, block_size)
+  return einsum_f32("nrb,nrc->rbc", a_NxRxB, g_NxRxB)
+
+
+def rotate_matrix_rows(k_IxO: jax.Array, g_RxBxB: jax.Array) -> jax.Array:
+  """`BD(G) @ K` for `K` of shape `(I, O)`, `I = R·B` (float32, HIGHEST precision)."""
+  num_blocks, block, _ = g_RxBxB.shape
+  k_RxBxO = k_IxO.reshape(num_blocks, block, k_IxO.shape[-1])
+  out = jnp.einsum("rab,rbo->rao", g_RxBxB, k_RxBxO, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(k_IxO.shape)
+
+
+def rotate_matrix_cols(k_IxO: jax.Array, g_RxBxB: jax.Array) -> jax.Array:
+  """`K @ BD(G)` for `K` of shape `(I, O)`, `O = R·B` (float32, HIGHEST precision)."""
+  num_blocks, block, _ = g_RxBxB.shape
+  k_IxRxB = k_IxO.reshape(k_IxO.shape[0], num_blocks, block)
+  out = jnp.einsum("irb,rbc->irc", k_IxRxB, g_RxBxB, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(k_IxO.shape)
+
+
+# The four data-path primitives of a POET-X layer (SPEC §4). An implementation
+# (XLA here, Pallas in `poetx_jax.kernels`) supplies each with the same signature.
+
+
+def gather_rotate(x_ND: jax.Array, perm_D: jax.Array, g_RxBxB: jax.Array, *, transpose: bool = False) -> jax.Array:
+  """`x[..., perm] @ BD(G)` (or `BD(G)ᵀ`): the input side of the forward."""
+  return rotate_blocks(jnp.take(x_ND, perm_D, axis=-1), g_RxBxB, transpose=transpose)
+
+
+def rotate_gather(x_ND: jax.Array, g_RxBxB: jax.Array, perm_D: jax.Array, *, transpose: bool = False) -> jax.Array:
+  """`(x @ BD(G))[..., perm]` (or with `BD(G)ᵀ`): the output side of the forward."""
+  return jnp.take(rotate_blocks(x_ND, g_RxBxB, transpose=transpose), perm_D, axis=-1)
+
+
+def gathered_block_outer_sum(
+    a_ND: jax.Array, perm_a_D: jax.Array | None, g_ND: jax.Array, perm_g_D: jax.Array | None, block_size: int
+) -> jax.Array:
+  """`Σ_tokens a[..., perm_a]_rᵀ g[..., perm_g]_r` per block (a `None` perm means none), float32."""
+  if perm_a_D is not None:
+    a_ND = jnp.take(a_ND, perm_a_D, axis=-1)
+  if perm_g_D is not None:
+    g_ND = jnp.take(g_ND, perm_g_D, axis=-1)
+  return block_outer_sum(a_ND, g_ND, block_size)

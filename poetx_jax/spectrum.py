@@ -1,0 +1,73 @@
+"""How fixed is the spectrum? Monitoring for POET-X's central invariant (SPEC §1).
+
+Orthogonal factors leave the singular values of every wrapped kernel unchanged.
+The truncated Cayley–Neumann map is only nearly orthogonal, so each merge folds a
+small error into `K_s`: these functions measure the blocks' orthogonality error
+and the drift of a layer's singular values, cheaply enough to log.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from poetx_jax import cayley, layers, merging, tree_paths
+
+
+def _layers(variables):
+  return tree_paths.poet_layers(variables[layers.POET_COLLECTION])
+
+
+def orthogonality_errors(variables: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """`max_blocks ‖G Gᵀ − I‖₂` of every wrapped layer (both sides), keyed by path."""
+  out = {}
+  for path, state in _layers(variables):
+    q_layer = tree_paths.get_path(variables["params"], path)
+    k = tree_paths.unboxed(state[layers.NEUMANN_TERMS])
+    g_in, g_out = merging._layer_blocks(q_layer, k, dynamic=True)  # pylint: disable=protected-access
+    out["/".join(path)] = jnp.maximum(cayley.orthogonality_error(g_in), cayley.orthogonality_error(g_out))
+  return out
+
+
+def max_orthogonality_error(variables: Mapping[str, Any]) -> jax.Array:
+  """The largest orthogonality error over all wrapped layers (0 when none is wrapped)."""
+  errors = list(orthogonality_errors(variables).values())
+  return jnp.max(jnp.stack(errors)) if errors else jnp.zeros((), jnp.float32)
+
+
+def singular_values(variables: Mapping[str, Any], paths: tuple[str, ...] | None = None) -> dict[str, jax.Array]:
+  """Singular values (descending, float32) of the effective kernels `K_eff`, keyed by path.
+
+  Args:
+    variables: a wrapped model's variables.
+    paths: restrict to these "/"-joined layer paths (SVDs of large kernels are costly).
+  """
+  effective = merging.effective_params(variables)
+  out = {}
+  for path, _ in _layers(variables):
+    name = "/".join(path)
+    if paths is not None and name not in paths:
+      continue
+    kernel = tree_paths.unboxed(tree_paths.get_path(effective, path)["kernel"]).astype(jnp.float32)
+    out[name] = jnp.linalg.svd(kernel.reshape(state_dims(variables, path)), compute_uv=False)
+  return out
+
+
+def state_dims(variables: Mapping[str, Any], path: tuple[str, ...]) -> tuple[int, int]:
+  """`(d_in, d_out)` of a wrapped layer."""
+  state = tree_paths.get_path(variables[layers.POET_COLLECTION], path)
+  return state[layers.PERM_IN_INV].shape[0], state[layers.PERM_OUT].shape[0]
+
+
+def spectrum_drift(current: Mapping[str, jax.Array], reference: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """`max_i |σ_i − σ_i⁰| / σ_max⁰` per layer: 0 for an exactly fixed spectrum.
+
+  Args:
+    current: `singular_values(...)` now.
+    reference: `singular_values(...)` at step 0 (or any earlier point).
+  """
+  return {
+      name: jnp.max(jnp.abs(current[name] - sv0)) / jnp.max(sv0) for name, sv0 in reference.items() if name in current
+  }

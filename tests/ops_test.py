@@ -1,0 +1,120 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import relative_error
+
+from poetx_jax import cayley, ops, permutation, skew
+
+
+def _layer(rng, d_in, d_out, block, q_scale=0.1, dtype=jnp.float32):
+  e = skew.packed_size(block)
+  return dict(
+      base_kernel_IxO=jnp.asarray(rng.standard_normal((d_in, d_out)) / np.sqrt(d_in), dtype),
+      q_in_RxE=jnp.asarray(q_scale * rng.standard_normal((d_in // block, e)), jnp.float32),
+      q_out_RxE=jnp.asarray(q_scale * rng.standard_normal((d_out // block, e)), jnp.float32),
+      perm_in_inv_I=jnp.asarray(rng.permutation(d_in), jnp.int32),
+      perm_out_O=jnp.asarray(rng.permutation(d_out), jnp.int32),
+  )
+
+
+def _dense_from_effective(x, layer, block, k=3):
+  g_in = cayley.cayley_neumann_reference(layer["q_in_RxE"], block, k)
+  g_out = cayley.cayley_neumann_reference(layer["q_out_RxE"], block, k)
+  k_eff = ops.effective_kernel(layer["base_kernel_IxO"], g_in, g_out, layer["perm_in_inv_I"], layer["perm_out_O"])
+  return x @ k_eff
+
+
+def test_zero_generators_equal_unpermuted_base_kernel(rng):
+  layer = _layer(rng, 24, 16, 8, q_scale=0.0)
+  x = jnp.asarray(rng.standard_normal((5, 24)), jnp.float32)
+  k_s = layer["base_kernel_IxO"]
+  perm_in = permutation.invert(layer["perm_in_inv_I"])
+  unpermuted = k_s[perm_in][:, layer["perm_out_O"]]  # K_eff[r, c] = K_s[perm_in[r], perm_out[c]]
+  for variant in ops.VARIANTS:
+    y = ops.poet_linear(x, **layer, block_size=8, variant=variant, implementation="xla")
+    assert relative_error(y, x @ unpermuted) < 1e-6
+
+
+@pytest.mark.parametrize("variant", ops.VARIANTS)
+@pytest.mark.parametrize("k", [3, 1, None])
+def test_matches_dense_formulation_forward_and_backward(rng, variant, k):
+  block = 8
+  layer = _layer(rng, 32, 48, block, q_scale=0.2)
+  x = jnp.asarray(rng.standard_normal((2, 7, 32)), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((2, 7, 48)), jnp.float32)
+
+  def poet(x, q_in, q_out):
+    args = dict(layer, q_in_RxE=q_in, q_out_RxE=q_out)
+    return ops.poet_linear(x, **args, block_size=block, neumann_terms=k, variant=variant, implementation="xla")
+
+  def dense(x, q_in, q_out):
+    return _dense_from_effective(x, dict(layer, q_in_RxE=q_in, q_out_RxE=q_out), block, k)
+
+  primals = (x, layer["q_in_RxE"], layer["q_out_RxE"])
+  y, vjp = jax.vjp(poet, *primals)
+  y_ref, vjp_ref = jax.vjp(dense, *primals)
+  assert y.shape == (2, 7, 48)
+  assert relative_error(y, y_ref) < 1e-5
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    assert relative_error(got, want) < 1e-5
+
+
+def test_fast_and_mem_agree_and_match_autodiff_reference(rng):
+  block = 4
+  layer = _layer(rng, 16, 8, block, q_scale=0.3)
+  x = jnp.asarray(rng.standard_normal((9, 16)), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((9, 8)), jnp.float32)
+
+  def run(fn, **kw):
+    def f(x, q_in, q_out):
+      return fn(x, dict(layer, q_in_RxE=q_in, q_out_RxE=q_out), **kw)
+
+    y, vjp = jax.vjp(f, x, layer["q_in_RxE"], layer["q_out_RxE"])
+    return (y,) + vjp(dy)
+
+  fast = run(lambda x, l: ops.poet_linear(x, **l, block_size=block, variant="fast", implementation="xla"))
+  mem = run(lambda x, l: ops.poet_linear(x, **l, block_size=block, variant="mem", implementation="xla"))
+  ref = run(lambda x, l: ops.poet_linear_reference(x, **l, block_size=block))
+  for a, b, c in zip(fast, mem, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert relative_error(a, c) < 1e-5
+
+
+def test_mem_keeps_no_hidden_state(rng):
+  layer = _layer(rng, 16, 64, 8)
+  x = jnp.asarray(rng.standard_normal((32, 16)), jnp.float32)
+
+  def residual_sizes(variant):
+    f = lambda x, q: ops.poet_linear(x, **dict(layer, q_in_RxE=q), block_size=8, variant=variant, implementation="xla")
+    _, vjp = jax.vjp(f, x, layer["q_in_RxE"])
+    return sorted(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(vjp))
+
+  assert 32 * 64 in residual_sizes("fast")  # h: N x d_out
+  assert 32 * 64 not in residual_sizes("mem")
+
+
+def test_bfloat16_stays_close_to_float32(rng):
+  block = 16
+  layer = _layer(rng, 64, 32, block, q_scale=0.05)
+  x = jnp.asarray(rng.standard_normal((8, 64)), jnp.float32)
+  y32 = ops.poet_linear(x, **layer, block_size=block, implementation="xla")
+  y16 = ops.poet_linear(x.astype(jnp.bfloat16), **layer, block_size=block, implementation="xla")
+  assert y16.dtype == jnp.bfloat16
+  assert relative_error(y16, y32) < 2e-2
+
+
+def test_bad_arguments_raise(rng):
+  layer = _layer(rng, 16, 8, 4)
+  x = jnp.zeros((2, 16))
+  with pytest.raises(ValueError, match="variant must be one of"):
+    ops.poet_linear(x, **layer, block_size=4, variant="slow")
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    ops.poet_linear(x, **layer, block_size=4, implementation="cuda")
+  with pytest.raises(ValueError, match="input has 15 features"):
+    ops.poet_linear(jnp.zeros((2, 15)), **layer, block_size=4, implementation="xla")
+  with pytest.raises(ValueError, match="d_out=8 is not divisible by block_size=3"):
+    odd = dict(layer, base_kernel_IxO=jnp.zeros((15, 8)), q_in_RxE=jnp.zeros((5, 3)))
+    ops.poet_linear(jnp.zeros((2, 15)), **odd, block_size=3, implementation="xla")
+  with pytest.raises(ValueError, match=r"shape \(4, 6\), expected \(4, 3\)"):
+    ops.check_shapes((2, 12), (12, 12), (4, 6), (4, 3), 3)
