@@ -22,3 +22,27 @@ def relative_error(actual, expected) -> float:
   actual = np.asarray(actual, np.float64)
   expected = np.asarray(expected, np.float64)
   return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+import flax.linen as nn  # noqa: E402
+
+
+class SmallModel(nn.Module):
+  """Dense and DenseGeneral layers (multi-axis in and out, one biased) and a head."""
+
+  width: int = 16
+  classes: int = 8
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(self.width, use_bias=True, param_dtype=self.param_dtype, name="embed_proj")(x)
+    x = jnp.tanh(x)
+    x = nn.DenseGeneral((2, self.width // 2), use_bias=False, param_dtype=self.param_dtype, name="split")(x)
+    x = jnp.tanh(x)
+    x = nn.DenseGeneral(self.width, axis=(-2, -1), use_bias=False, param_dtype=self.param_dtype, name="join")(x)
+    x = x + nn.Dense(self.width, use_bias=False, param_dtype=self.param_dtype, name="mlp")(jnp.tanh(x))
+    return nn.Dense(self.classes, name="head")(x)
+
+
+import jax.numpy as jnp  # noqa: E402
