@@ -138,13 +138,22 @@ def encode_neumann_terms(neumann_terms: int | None) -> int:
   return EXACT if neumann_terms is None else int(neumann_terms)
 
 
-def orthogonality_error(g_RxBxB: jax.Array) -> jax.Array:
-  """Largest spectral norm `‖G Gᵀ - I‖₂` over the blocks (0 for an orthogonal map).
+def orthogonality_error(g_RxBxB: jax.Array, norm: str = "spectral") -> jax.Array:
+  """Largest `‖G Gᵀ - I‖` over the blocks (0 for an orthogonal map).
 
   For the truncated map, `G Gᵀ = (I - Q^{k+1})(I - Q^{k+1})ᵀ` exactly, so the error
   grows like `2‖Q‖^{k+1}` while `‖Q‖ < 1` and explodes beyond.
+
+  Args:
+    g_RxBxB: `(..., R, B, B)` blocks.
+    norm: "spectral" (`‖·‖₂`, an eigendecomposition per block) or "fro" (Frobenius,
+      an upper bound on the spectral norm, cheap enough to log every few steps).
   """
   g_RxBxB = g_RxBxB.astype(jnp.float32)
   gram_RxBxB = _mm(g_RxBxB, jnp.swapaxes(g_RxBxB, -1, -2)) - _eye_like(g_RxBxB)
+  if norm == "fro":
+    return jnp.max(jnp.sqrt(jnp.sum(gram_RxBxB * gram_RxBxB, axis=(-2, -1))))
+  if norm != "spectral":
+    raise ValueError(f"norm must be 'spectral' or 'fro', got {norm!r}.")
   # Symmetric: the spectral norm is the largest |eigenvalue|.
   return jnp.max(jnp.abs(jnp.linalg.eigvalsh(gram_RxBxB)))

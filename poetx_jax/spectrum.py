@@ -20,20 +20,23 @@ def _layers(variables):
   return tree_paths.poet_layers(variables[layers.POET_COLLECTION])
 
 
-def orthogonality_errors(variables: Mapping[str, Any]) -> dict[str, jax.Array]:
-  """`max_blocks ‖G Gᵀ − I‖₂` of every wrapped layer (both sides), keyed by path."""
+def orthogonality_errors(variables: Mapping[str, Any], norm: str = "spectral") -> dict[str, jax.Array]:
+  """`max_blocks ‖G Gᵀ − I‖` of every wrapped layer (both sides), keyed by path.
+
+  `norm` is "spectral" or "fro" (cheaper, an upper bound), as in `cayley.orthogonality_error`.
+  """
   out = {}
   for path, state in _layers(variables):
     q_layer = tree_paths.get_path(variables["params"], path)
     k = tree_paths.unboxed(state[layers.NEUMANN_TERMS])
     g_in, g_out = merging._layer_blocks(q_layer, k, dynamic=True)  # pylint: disable=protected-access
-    out["/".join(path)] = jnp.maximum(cayley.orthogonality_error(g_in), cayley.orthogonality_error(g_out))
+    out["/".join(path)] = jnp.maximum(cayley.orthogonality_error(g_in, norm), cayley.orthogonality_error(g_out, norm))
   return out
 
 
-def max_orthogonality_error(variables: Mapping[str, Any]) -> jax.Array:
+def max_orthogonality_error(variables: Mapping[str, Any], norm: str = "spectral") -> jax.Array:
   """The largest orthogonality error over all wrapped layers (0 when none is wrapped)."""
-  errors = list(orthogonality_errors(variables).values())
+  errors = list(orthogonality_errors(variables, norm).values())
   return jnp.max(jnp.stack(errors)) if errors else jnp.zeros((), jnp.float32)
 
 

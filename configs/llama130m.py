@@ -1,0 +1,13 @@
+"""LLaMA-130m (POET-BS b=256 recipe).
+
+Command: python train.py --config configs/llama130m.py --workdir runs/llama130m
+Device:  one H100 (bf16); add --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_dir=DIR
+         for C4 as in the papers, otherwise the embedded corpus is used.
+Expected (POET paper, C4, full budget): see SPEC §10; not reproduced here yet.
+"""
+
+from configs._llama_common import llama_config
+
+
+def get_config():
+  return llama_config("130m", lr=5e-3, block_size=256)

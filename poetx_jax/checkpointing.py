@@ -1,0 +1,89 @@
+"""Orbax checkpoints of the train state and the grain iterator, with safe resume.
+
+One `CheckpointManager` per run directory; each step is one `ocp.args.Composite`
+of `state` (params, POET-X frozen state, optimizer state, step, RNG) and `data`
+(the grain iterator's position). Orbax writes each step to a temporary directory
+and renames it when complete, so a partial save is never listed; a complete but
+unreadable one is reported and the previous step is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+logger = logging.getLogger("poetx_jax")
+
+
+class Checkpointer:
+  """Saves every `every` steps (and on request), keeps the last `keep`, restores the newest readable."""
+
+  def __init__(self, directory: str, *, every: int, keep: int):
+    self.directory = epath.Path(directory).expanduser().resolve()
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True),
+    )
+
+  def save(self, step: int, state: Any, data_iterator: Any | None, *, force: bool = False) -> bool:
+    """Saves `state` (and the iterator's position) at `step` when due or when forced."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any | None) -> tuple[int, Any] | None:
+    """Restores the newest readable checkpoint into `abstract_state`'s shapes and shardings.
+
+    Args:
+      abstract_state: a tree of `jax.ShapeDtypeStruct` with shardings (restoring
+        against it keeps optax NamedTuples and places shards directly).
+      data_iterator: a grain iterator to move to the saved position, or None.
+
+    Returns:
+      `(step, state)`, or None when the directory holds no checkpoint.
+
+    Raises:
+      RuntimeError: when checkpoints exist but none can be read.
+    """
+    steps = self.steps()
+    failures = []
+    for step in reversed(steps):
+      items = {"state": ocp.args.StandardRestore(abstract_state)}
+      if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      except Exception as err:  # pylint: disable=broad-except
+        # Any failure to read one step (missing files, bad metadata, truncated
+        # arrays) must not lose the run: report it and fall back to the previous.
+        logger.error("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one.",
+                     step, self.directory, type(err).__name__, err)
+        failures.append(step)
+        continue
+      if failures:
+        logger.warning("resumed from step %d; unreadable checkpoints: %s", step, failures)
+      return step, restored["state"]
+    if steps:
+      raise RuntimeError(f"no readable checkpoint in {self.directory}: steps {failures} all failed to restore.")
+    return None
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_tree(tree: Any, shardings: Any) -> Any:
+  """`jax.ShapeDtypeStruct`s with shardings: the restore target of a checkpoint."""
+  return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,91 @@
+"""What a user sees: one MaxText-style line per log step, tensorboardX, metrics.jsonl, tqdm.
+
+Every record goes to three places at once: the log (a line), tensorboard scalars in
+the workdir, and `workdir/metrics.jsonl` (one JSON object per line), written only by
+process 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from typing import Any
+
+import jax
+
+logger = logging.getLogger("poetx_jax")
+
+# Dense bf16 peak FLOP/s per device, for MFU (datasheet values, no sparsity).
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "v5e": 197e12, "v5p": 459e12, "v4": 275e12}
+
+
+def peak_flops_per_device() -> float | None:
+  """The device's dense bf16 peak, or None where it is unknown (CPU)."""
+  kind = jax.devices()[0].device_kind
+  for name, flops in _PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+def _format(value: Any) -> str:
+  if isinstance(value, float):
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+      return f"{value:.3e}"
+    return f"{value:.4f}"
+  return str(value)
+
+
+class MetricsLogger:
+  """Writes each record to the log, tensorboard, `metrics.jsonl` and a progress bar."""
+
+  def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0):
+    self.is_main = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._writer = None
+    self._bar = None
+    if not self.is_main:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
+    self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    if sys.stderr.isatty():
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+      self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+
+  def write(self, step: int, record: dict[str, Any], *, kind: str = "train") -> None:
+    """Logs one record (floats, ints) at `step`; `kind` prefixes the tensorboard tags."""
+    if not self.is_main:
+      return
+    clean = {k: (float(v) if hasattr(v, "dtype") else v) for k, v in record.items()}
+    line = ", ".join(f"{k}: {_format(v)}" for k, v in clean.items())
+    message = f"{kind} step: {step}, {line}"
+    if self._bar is not None:
+      self._bar.write(message)
+    else:
+      logger.info(message)
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, "kind": kind, **_jsonable(clean)}) + "\n")
+    for key, value in clean.items():
+      if isinstance(value, (int, float)) and math.isfinite(value):
+        self._writer.add_scalar(f"{kind}/{key}", value, step)
+    self._writer.flush()
+
+  def advance(self, steps: int) -> None:
+    if self._bar is not None:
+      self._bar.update(steps)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._writer is not None:
+      self._writer.close()
+
+
+def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
+  return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

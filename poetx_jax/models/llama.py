@@ -1,0 +1,188 @@
+"""LLaMA in Flax linen, built from plain `nn.Dense` so `poetx_jax.wrap` can target it.
+
+RMSNorm (eps 1e-6), rotary embeddings (base 1e4), SwiGLU, causal attention through
+`jax.nn.dot_product_attention`, untied head, no biases (SPEC §9). Layer names match
+the POET-X papers' targets: `q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+down_proj`; the head is `lm_head` (excluded by POETConfig's default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Dimensions and numerics of a LLaMA.
+
+  Attributes:
+    vocab_size: rows of the embedding and columns of the head.
+    hidden: model width `d`.
+    ffn: SwiGLU inner width.
+    heads: attention heads (`hidden % heads == 0`).
+    layers: transformer blocks.
+    max_seq_len: longest sequence the rotary tables must cover.
+    rope_base: rotary base (1e4).
+    norm_eps: RMSNorm epsilon (1e-6).
+    dtype: computation dtype ("bfloat16" on GPUs).
+    param_dtype: storage dtype of the parameters (and of POET-X's frozen base kernels).
+    remat: rematerialize each block in the backward ("none", "full", or "dots":
+      keep the matmul outputs without batch dimensions).
+    init_std: standard deviation of the normal initializers (0.02).
+    attention: `jax.nn.dot_product_attention` implementation: None (XLA picks), "xla", "cudnn".
+  """
+
+  vocab_size: int = 32000
+  hidden: int = 512
+  ffn: int = 1280
+  heads: int = 8
+  layers: int = 8
+  max_seq_len: int = 2048
+  rope_base: float = 10000.0
+  norm_eps: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  init_std: float = 0.02
+  attention: str | None = None
+
+  def __post_init__(self):
+    if self.hidden % self.heads:
+      raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}.")
+    if (self.hidden // self.heads) % 2:
+      raise ValueError(f"head dimension {self.hidden // self.heads} must be even for rotary embeddings.")
+    if self.remat not in ("none", "full", "dots"):
+      raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden // self.heads
+
+
+def rotary_embedding(x_BxSxHxK: jax.Array, positions_BxS: jax.Array, base: float) -> jax.Array:
+  """Rotates channel pairs `(i, i + K/2)` by position-dependent angles (RoPE, half-split form)."""
+  half = x_BxSxHxK.shape[-1] // 2
+  freqs = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles_BxSxK = positions_BxS[..., None].astype(jnp.float32) * freqs
+  sin, cos = jnp.sin(angles_BxSxK)[:, :, None, :], jnp.cos(angles_BxSxK)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxSxHxK.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxSxHxK.dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
+  return nn.Dense(
+      features,
+      use_bias=False,
+      dtype=config.dtype,
+      param_dtype=config.param_dtype,
+      kernel_init=nn.initializers.normal(config.init_std),
+      name=name,
+  )
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BxSxD, positions_BxS):
+    cfg = self.config
+    shape = x_BxSxD.shape[:2] + (cfg.heads, cfg.head_dim)
+    q = _dense(cfg, cfg.hidden, "q_proj")(x_BxSxD).reshape(shape)
+    k = _dense(cfg, cfg.hidden, "k_proj")(x_BxSxD).reshape(shape)
+    v = _dense(cfg, cfg.hidden, "v_proj")(x_BxSxD).reshape(shape)
+    q = rotary_embedding(q, positions_BxS, cfg.rope_base)
+    k = rotary_embedding(k, positions_BxS, cfg.rope_base)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=cfg.attention)
+    return _dense(cfg, cfg.hidden, "o_proj")(out.reshape(x_BxSxD.shape))
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BxSxD):
+    cfg = self.config
+    gate = _dense(cfg, cfg.ffn, "gate_proj")(x_BxSxD)
+    up = _dense(cfg, cfg.ffn, "up_proj")(x_BxSxD)
+    return _dense(cfg, cfg.hidden, "down_proj")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BxSxD, positions_BxS):
+    cfg = self.config
+    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+    x_BxSxD = x_BxSxD + Attention(cfg, name="attention")(norm("attention_norm")(x_BxSxD), positions_BxS)
+    return x_BxSxD + MLP(cfg, name="mlp")(norm("mlp_norm")(x_BxSxD))
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Llama(nn.Module):
+  """Decoder-only LLaMA: `tokens (B, S) int32 -> logits (B, S, vocab) float32`."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxS: jax.Array) -> jax.Array:
+    cfg = self.config
+    embed = nn.Embed(
+        cfg.vocab_size,
+        cfg.hidden,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=nn.initializers.normal(cfg.init_std),
+        name="embed",
+    )
+    x = embed(tokens_BxS)
+    positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
+    block_cls = Block if cfg.remat == "none" else nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat])
+    for i in range(cfg.layers):
+      x = block_cls(cfg, name=f"blocks_{i}")(x, positions_BxS)
+    x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
+    logits = _dense(cfg, cfg.vocab_size, "lm_head")(x)
+    return logits.astype(jnp.float32)
+
+
+# SPEC §9: name -> (hidden, ffn, heads, layers).
+SIZES = {
+    "60m": (512, 1280, 8, 8),
+    "130m": (768, 2048, 12, 12),
+    "350m": (1024, 2816, 16, 24),
+    "1b": (2048, 5632, 32, 24),
+    "3b": (2560, 7168, 32, 32),
+    "8b": (4096, 14336, 32, 32),
+    "13b": (5120, 13824, 40, 40),
+}
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+  """Training FLOPs per token of the dense model (6·N matmul params + attention), MaxText's count."""
+  per_layer = 3 * config.hidden * config.hidden + config.hidden * config.hidden + 3 * config.hidden * config.ffn
+  matmul_params = config.layers * per_layer + config.hidden * config.vocab_size
+  attention = 12 * config.layers * config.hidden * seq_len / 2  # causal: half the score matrix
+  return 6.0 * matmul_params + attention

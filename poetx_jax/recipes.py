@@ -1,0 +1,73 @@
+"""The three optimizers a run can choose, on the same model and data (a fair comparison).
+
+* `poetx`: the model's dense layers wrapped by POET-X, trained by `poetx_jax.optimizer`;
+* `adamw`: plain optax AdamW on the unwrapped model (decay on matrices only);
+* `muon`: `optax.contrib.muon` on the hidden matrices, Adam on the rest.
+
+All share the warmup-cosine schedule and one global-norm clip.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from poetx_jax import optim, schedules
+from poetx_jax.config import POETConfig
+from poetx_jax.train_config import OptimizerConfig
+
+
+def _schedule(peak: float, config: OptimizerConfig, total_steps: int) -> optax.Schedule:
+  return schedules.warmup_cosine(
+      peak, warmup_steps=config.warmup_steps, total_steps=total_steps, min_ratio=config.min_lr_ratio
+  )
+
+
+def _is_matrix_mask(params):
+  return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+
+def _muon_dimensions(params):
+  """Muon acts on the blocks' 2-D kernels; embeddings and the head use Adam."""
+
+  def dims(path, leaf):
+    names = [str(getattr(p, "key", p)) for p in path]
+    if leaf.ndim == 2 and "embed" not in names and "lm_head" not in names:
+      return optax.contrib.MuonDimensionNumbers(reduction_axis=(0,), output_axis=(1,))
+    return None
+
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def make_optimizer(config: OptimizerConfig, poet: POETConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The run's optax transformation and its base learning-rate schedule (for logging)."""
+  lr = _schedule(config.lr, config, total_steps)
+  if config.name == "poetx":
+    poet_lr = _schedule(config.poet_lr, config, total_steps)
+    tx = optim.optimizer(
+        poet,
+        learning_rate=lr,
+        poet_learning_rate=poet_lr,
+        weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm,
+        b1=config.b1,
+        b2=config.b2,
+        eps=config.eps,
+    )
+    return tx, lr
+  if config.name == "adamw":
+    inner = optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=_is_matrix_mask)
+  elif config.name == "muon":
+    inner = optax.contrib.muon(
+        lr,
+        weight_decay=config.weight_decay,
+        adam_b1=config.b1,
+        adam_b2=config.b2,
+        adam_weight_decay=config.weight_decay,
+        muon_weight_dimension_numbers=_muon_dimensions,
+    )
+  else:  # OptimizerConfig validates the name; this guards a new name without a recipe.
+    raise ValueError(f"no recipe for optimizer {config.name!r}.")
+  if config.clip_norm is None:
+    return inner, lr
+  return optax.chain(optax.clip_by_global_norm(config.clip_norm), inner), lr

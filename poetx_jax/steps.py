@@ -1,0 +1,143 @@
+"""The pure, jitted functions of a run: state init, train step (merge inside), eval step."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from poetx_jax import merging, spectrum
+from poetx_jax.config import POETConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run carries from step to step (and checkpoints).
+
+  Attributes:
+    step: optimizer updates applied so far (int32).
+    params: the trainable collection.
+    frozen: every other collection (POET-X's `poet`: base kernels, permutations); `{}` for baselines.
+    opt_state: the optax state.
+    rng: a raw uint32 PRNG key, split per step for anything stochastic.
+  """
+
+  step: jax.Array
+  params: Any
+  frozen: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int, seq_len: int) -> TrainState:
+  """A fresh state (call under `jax.jit` with output shardings to build it sharded)."""
+  rng = jax.random.PRNGKey(seed)
+  init_rng, rng = jax.random.split(rng)
+  variables = model.init(init_rng, jnp.zeros((1, seq_len), jnp.int32))
+  params = variables["params"]
+  frozen = {k: v for k, v in variables.items() if k != "params"}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params), rng=rng)
+
+
+def token_loss(model: nn.Module, params, frozen, batch) -> tuple[jax.Array, jax.Array]:
+  """(summed next-token cross-entropy over real tokens, their count)."""
+  logits = model.apply({"params": params, **frozen}, batch["inputs"])
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  weights = batch["weights"].astype(jnp.float32)
+  return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def _split_microbatches(batch, count: int):
+  # (B, S) -> (count, B / count, S) with rows strided so each device keeps its own rows.
+  def split(x):
+    x = x.reshape((x.shape[0] // count, count) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+  return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    poet: POETConfig | None,
+    grad_accum_steps: int = 1,
+    log_every: int = 1,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+  """`train_step(state, batch) -> (state, metrics)`: loss, grads, update, and the merge.
+
+  Args:
+    model: the (wrapped or plain) linen model.
+    tx: its optax transformation.
+    schedule: the base learning rate, for the logs.
+    poet: the POETConfig when the model is wrapped (merges run inside the step), else None.
+    grad_accum_steps: microbatches per step, accumulated in float32.
+    log_every: the step also reports the blocks' orthogonality error (before any
+      merge) when the step it completes is a multiple of this; 0 elsewhere.
+  """
+  grad_fn = jax.value_and_grad(lambda p, f, b: token_loss(model, p, f, b), has_aux=True)
+
+  def gradients(params, frozen, batch):
+    if grad_accum_steps == 1:
+      (loss_sum, tokens), grads = grad_fn(params, frozen, batch)
+      return loss_sum, tokens, grads
+
+    def accumulate(carry, micro):
+      loss_acc, tok_acc, grad_acc = carry
+      (loss_sum, tokens), grads = grad_fn(params, frozen, micro)
+      grad_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
+      return (loss_acc + loss_sum, tok_acc + tokens, grad_acc), None
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+    (loss_sum, tokens, grads), _ = jax.lax.scan(accumulate, init, _split_microbatches(batch, grad_accum_steps))
+    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
+    return loss_sum, tokens, grads
+
+  def train_step(state: TrainState, batch):
+    loss_sum, tokens, grads = gradients(state.params, state.frozen, batch)
+    denominator = jnp.maximum(tokens, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denominator.astype(g.dtype), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    frozen = state.frozen
+    metrics = {
+        "loss": loss_sum / denominator,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": schedule(state.step),
+        "tokens": tokens,
+    }
+    if poet is not None:
+      metrics["ortho_error"] = jax.lax.cond(
+          step % log_every == 0,
+          lambda: orthogonality_metric(params, frozen),
+          lambda: jnp.zeros((), jnp.float32),
+      )
+      variables, opt_state = merging.merge_if_needed(step, {"params": params, **frozen}, opt_state, poet)
+      params = variables["params"]
+      frozen = {k: v for k, v in variables.items() if k != "params"}
+      metrics["merged"] = merging.should_merge(step, poet).astype(jnp.int32)
+    new_state = state.replace(step=step, params=params, frozen=frozen, opt_state=opt_state, rng=jax.random.split(state.rng)[0])
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module):
+  """`eval_step(params, frozen, batch) -> (summed loss, tokens)`."""
+
+  def eval_step(params, frozen, batch):
+    return token_loss(model, params, frozen, batch)
+
+  return eval_step
+
+
+def orthogonality_metric(params, frozen) -> jax.Array:
+  """The largest Frobenius `‖GGᵀ − I‖` over all wrapped layers (cheap enough to log)."""
+  return spectrum.max_orthogonality_error({"params": params, **frozen}, norm="fro")

@@ -1,0 +1,236 @@
+"""The training loop: build, restore or init, step, log, evaluate, checkpoint.
+
+The loop dispatches step t before it reads step t−1's metrics, so the host never
+waits on the device except at checkpoints, evaluations and the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from poetx_jax import checkpointing, data, evaluate, metrics, recipes, sharding, steps
+from poetx_jax.models import llama
+from poetx_jax.train_config import TrainConfig
+from poetx_jax.wrapping import wrap
+
+logger = logging.getLogger("poetx_jax")
+
+
+def maybe_initialize_distributed() -> None:
+  """`jax.distributed.initialize()` when the environment describes several processes."""
+  env = os.environ
+  several = any(int(env.get(v, "1") or 1) > 1 for v in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+  if env.get("JAX_COORDINATOR_ADDRESS") or several:
+    jax.distributed.initialize()
+
+
+@dataclasses.dataclass
+class Run:
+  """The built pieces of one run (model, optimizer, mesh, shardings, jitted steps)."""
+
+  config: TrainConfig
+  model: Any
+  tx: Any
+  schedule: Any
+  mesh: Any
+  state_shardings: Any
+  batch_sharding: Any
+  init_fn: Any
+  train_step: Any
+  eval_step: Any
+
+
+def build(config: TrainConfig) -> Run:
+  """Builds the model (wrapped for POET-X), optimizer, mesh and jitted functions."""
+  base_model = llama.Llama(config.model)
+  is_poet = config.optimizer.name == "poetx"
+  model = wrap(base_model, config.poet) if is_poet else base_model
+  tx, schedule = recipes.make_optimizer(config.optimizer, config.poet, config.train.steps)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  devices = mesh.devices.size
+  if config.train.global_batch_size % devices:
+    raise ValueError(f"train.global_batch_size={config.train.global_batch_size} must be divisible by the {devices} devices.")
+  micro = config.train.global_batch_size // config.train.grad_accum_steps
+  if micro % devices:
+    raise ValueError(f"each of the {config.train.grad_accum_steps} microbatches ({micro} rows) must split over {devices} devices.")
+  init = lambda: steps.init_state(model, tx, config.seed, config.data.seq_len)
+  abstract = jax.eval_shape(init)
+  state_shardings = sharding.tree_shardings(abstract, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  train_step = steps.make_train_step(
+      model,
+      tx,
+      schedule,
+      poet=config.poet if is_poet else None,
+      grad_accum_steps=config.train.grad_accum_steps,
+      log_every=config.train.log_every,
+  )
+  return Run(
+      config=config,
+      model=model,
+      tx=tx,
+      schedule=schedule,
+      mesh=mesh,
+      state_shardings=state_shardings,
+      batch_sharding=batch_sharding,
+      init_fn=jax.jit(init, out_shardings=state_shardings),
+      train_step=jax.jit(
+          train_step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated), donate_argnums=(0,)
+      ),
+      eval_step=jax.jit(
+          steps.make_eval_step(model),
+          in_shardings=(state_shardings.params, state_shardings.frozen, batch_sharding),
+          out_shardings=(replicated, replicated),
+      ),
+  )
+
+
+def _count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _describe(run: Run, state, compiled) -> None:
+  frozen = _count({k: v for k, v in state.frozen.get("poet", {}).items()}) if state.frozen else 0
+  logger.info(
+      "model: %s | optimizer: %s | trainable params: %s | frozen POET-X state: %s | devices: %d (mesh %s)",
+      run.config.model, run.config.optimizer.name, f"{_count(state.params):,}", f"{frozen:,}",
+      run.mesh.devices.size, dict(run.mesh.shape),
+  )
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    gib = 2.0**30
+    logger.info(
+        "compiled train step memory estimate per device: arguments %.2f GiB, outputs %.2f GiB, temporaries %.2f GiB",
+        memory.argument_size_in_bytes / gib, memory.output_size_in_bytes / gib, memory.temp_size_in_bytes / gib,
+    )
+
+
+def _eval_batches(config: TrainConfig):
+  size = config.train.eval_batch_size or config.train.global_batch_size
+  return data.eval_batches(config.data, batch_size=size, max_batches=config.train.eval_batches)
+
+
+def restore_or_init(run: Run, checkpointer: checkpointing.Checkpointer, data_iterator) -> tuple[int, Any]:
+  """The newest readable checkpoint's (step, state), or a fresh state at step 0."""
+  abstract = checkpointing.abstract_tree(jax.eval_shape(run.init_fn), run.state_shardings)
+  restored = checkpointer.restore_latest(abstract, data_iterator)
+  if restored is None:
+    return 0, run.init_fn()
+  step, state = restored
+  logger.info("resumed from %s at step %d", checkpointer.directory, step)
+  return step, state
+
+
+def train(config: TrainConfig, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) in `workdir`; returns the final evaluation."""
+  run = build(config)
+  total = config.train.steps
+  iterator = data.train_iterator(
+      config.data,
+      global_batch_size=config.train.global_batch_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
+  )
+  start, state = restore_or_init(run, checkpointer, iterator)
+  tokens_per_step = config.train.global_batch_size * config.data.seq_len
+  flops_per_step = llama.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
+  devices = run.mesh.devices.size
+  peak = metrics.peak_flops_per_device()
+  log = metrics.MetricsLogger(workdir, total_steps=total, initial_step=start)
+  last_eval = None
+  try:
+    if start >= total:
+      logger.info("already trained to step %d of %d", start, total)
+    else:
+      first = sharding.device_batch(next(iterator), run.batch_sharding)
+      compiled = run.train_step.lower(state, first).compile()
+      _describe(run, state, compiled)
+      pending = None  # (step number after the update, metrics on device)
+      window_start, window_steps = time.perf_counter(), 0
+      batch = first
+
+      def read(pending):
+        nonlocal window_start, window_steps
+        step_done, step_metrics = pending
+        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        if not math.isfinite(values["loss"]):
+          raise FloatingPointError(
+              f"loss is {values['loss']} at step {step_done - 1}: stopping; the last checkpoint in"
+              f" {checkpointer.directory} is intact (lower optimizer.lr / poet_lr or check the data)."
+          )
+        window_steps += 1
+        log.advance(1)
+        if step_done % config.train.log_every == 0 or step_done == total:
+          seconds = (time.perf_counter() - window_start) / window_steps
+          record = {
+              "seconds": seconds,
+              "tflops_per_device": flops_per_step / seconds / devices / 1e12,
+              "tokens_per_sec": tokens_per_step / seconds / devices,
+              **({"mfu": flops_per_step / seconds / devices / peak} if peak else {}),
+              **values,
+          }
+          log.write(step_done, record)
+          window_start, window_steps = time.perf_counter(), 0
+
+      for step in range(start, total):
+        if batch is None:
+          batch = sharding.device_batch(next(iterator), run.batch_sharding)
+        state, step_metrics = compiled(state, batch)  # dispatch step t ...
+        batch = None
+        if pending is not None:
+          read(pending)  # ... then read step t-1
+        pending = (step + 1, step_metrics)
+        step_done = step + 1
+        due_eval = config.train.eval_every and step_done % config.train.eval_every == 0
+        due_save = step_done % config.train.checkpoint_every == 0 or step_done == total
+        if due_eval or due_save:
+          read(pending)  # never save or evaluate a state whose loss is unread
+          pending = None
+        if due_save:
+          checkpointer.save(step_done, state, iterator, force=True)
+        if due_eval or step_done == total:
+          last_eval = evaluate.evaluate(run.eval_step, state.params, state.frozen, _eval_batches(config), run.batch_sharding)
+          log.write(step_done, last_eval, kind="eval")
+          window_start = time.perf_counter()
+      if pending is not None:
+        read(pending)
+    if last_eval is None:
+      last_eval = evaluate.evaluate(run.eval_step, state.params, state.frozen, _eval_batches(config), run.batch_sharding)
+      log.write(int(state.step), last_eval, kind="eval")
+  finally:
+    checkpointer.close()
+    log.close()
+  return last_eval
+
+
+def evaluate_checkpoint(config: TrainConfig, workdir: str) -> dict[str, float]:
+  """Evaluates the newest readable checkpoint in `workdir` (no training)."""
+  run = build(config)
+  checkpointer = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
+  )
+  try:
+    abstract = checkpointing.abstract_tree(jax.eval_shape(run.init_fn), run.state_shardings)
+    restored = checkpointer.restore_latest(abstract, None)
+    if restored is None:
+      raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train first, or set --workdir to a run directory.")
+    step, state = restored
+    result = evaluate.evaluate(run.eval_step, state.params, state.frozen, _eval_batches(config), run.batch_sharding)
+  finally:
+    checkpointer.close()
+  log = metrics.MetricsLogger(workdir, total_steps=config.train.steps, initial_step=step)
+  log.write(step, result, kind="eval_restored")
+  log.close()
+  return result

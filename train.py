@@ -1,0 +1,55 @@
+"""Train (or evaluate) a LLaMA with POET-X, AdamW or Muon.
+
+  python train.py --config configs/tiny.py --workdir runs/tiny
+  python train.py --config configs/llama1b.py --workdir runs/llama1b --config.optimizer.lr=2e-3
+  python train.py --config configs/tiny.py --workdir runs/tiny --config.mode=eval
+
+Re-running a command resumes from the newest checkpoint in --workdir.
+"""
+
+import json
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from poetx_jax import data, train_config, trainer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file; override fields with --config.a.b=v.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tensorboard.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _setup_logging() -> None:
+  handler = logging.StreamHandler(sys.stdout)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  logger = logging.getLogger("poetx_jax")
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _setup_logging()
+  trainer.maybe_initialize_distributed()
+  raw = _CONFIG.value
+  tokenizer = data.load_tokenizer(train_config.data_config(raw))
+  config = train_config.from_config_dict(raw, vocab_size=train_config.padded_vocab(tokenizer.vocab_size))
+  train_config.check_vocab(config, tokenizer.vocab_size)
+  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(raw.to_dict(), f, indent=2, default=str)
+  if config.mode == "eval":
+    result = trainer.evaluate_checkpoint(config, workdir)
+  else:
+    result = trainer.train(config, workdir)
+  print(f"validation loss {result['val_loss']:.4f}  perplexity {result['val_ppl']:.2f}  ({workdir})")
+
+
+if __name__ == "__main__":
+  app.run(main)
