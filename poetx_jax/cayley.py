@@ -4,8 +4,9 @@
 Cayley map `(I + Q)(I - Q)^-1` (SPEC §3). POET-X uses `k = 3`:
 `G = I + 2Q + 2Q² + 2Q³ + Q⁴`. `k = None` is the exact map (a batched solve).
 
-All arithmetic here is float32 at HIGHEST precision: the blocks are small (`B x B`)
-and their error is folded into the frozen weights at every merge.
+All arithmetic here is float32. Merges and exports use HIGHEST precision, since
+their error is folded into the frozen weights; the training forward may pass
+`precision=DEFAULT` (TF32 on recent GPUs), which only touches the `Q²` terms.
 """
 
 from __future__ import annotations
@@ -23,20 +24,21 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 EXACT = -1
 
 
-def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.matmul(a, b, precision=_HIGHEST)
+def _mm(a: jax.Array, b: jax.Array, precision=_HIGHEST) -> jax.Array:
+  return jnp.matmul(a, b, precision=precision)
 
 
 def _eye_like(q_RxBxB: jax.Array) -> jax.Array:
   return jnp.eye(q_RxBxB.shape[-1], dtype=q_RxBxB.dtype)
 
 
-def neumann_from_skew(q_RxBxB: jax.Array, neumann_terms: int | None) -> jax.Array:
+def neumann_from_skew(q_RxBxB: jax.Array, neumann_terms: int | None, precision=_HIGHEST) -> jax.Array:
   """`G` from skew blocks by plain jnp (the differentiable reference).
 
   Args:
     q_RxBxB: `(..., R, B, B)` skew-symmetric blocks.
     neumann_terms: `k >= 0`, or None for the exact Cayley map.
+    precision: of the block products.
 
   Returns:
     `(..., R, B, B)` blocks `G = (I + Q) Σ_{i<=k} Q^i`.
@@ -49,12 +51,13 @@ def neumann_from_skew(q_RxBxB: jax.Array, neumann_terms: int | None) -> jax.Arra
   if neumann_terms < 0:
     raise ValueError(f"neumann_terms must be >= 0 or None (exact), got {neumann_terms}.")
   if neumann_terms == 3:
-    q2_RxBxB = _mm(q_RxBxB, q_RxBxB)
-    return eye_BxB + 2.0 * (q_RxBxB + q2_RxBxB + _mm(q2_RxBxB, q_RxBxB)) + _mm(q2_RxBxB, q2_RxBxB)
+    # I + 2Q + 2Q² + 2Q³ + Q⁴ = I + 2Q + 2Q² + Q²(2Q + Q²): two block products.
+    q2_RxBxB = _mm(q_RxBxB, q_RxBxB, precision)
+    return eye_BxB + 2.0 * (q_RxBxB + q2_RxBxB) + _mm(q2_RxBxB, 2.0 * q_RxBxB + q2_RxBxB, precision)
   series_RxBxB = jnp.broadcast_to(eye_BxB, q_RxBxB.shape)
   for _ in range(neumann_terms):  # Horner: S <- I + Q S
-    series_RxBxB = eye_BxB + _mm(q_RxBxB, series_RxBxB)
-  return _mm(eye_BxB + q_RxBxB, series_RxBxB)
+    series_RxBxB = eye_BxB + _mm(q_RxBxB, series_RxBxB, precision)
+  return _mm(eye_BxB + q_RxBxB, series_RxBxB, precision)
 
 
 def cayley_neumann_reference(q_RxE: jax.Array, block_size: int, neumann_terms: int | None = 3) -> jax.Array:
@@ -62,41 +65,44 @@ def cayley_neumann_reference(q_RxE: jax.Array, block_size: int, neumann_terms: i
   return neumann_from_skew(skew.skew_from_packed(q_RxE.astype(jnp.float32), block_size), neumann_terms)
 
 
-def neumann3_skew_cotangent(q_RxBxB: jax.Array, dg_RxBxB: jax.Array) -> jax.Array:
+def neumann3_skew_cotangent(q_RxBxB: jax.Array, dg_RxBxB: jax.Array, precision=_HIGHEST) -> jax.Array:
   """Closed-form VJP of `G = I + 2Q + 2Q² + 2Q³ + Q⁴` with respect to `Q` (SPEC §3).
 
   With `∇2 = dG·Qᵀ + Qᵀ·dG`:
   `dQ = (∇2 + 2dG)·Q2ᵀ + (Q2ᵀ + 2Qᵀ)·∇2 + 2(dG + ∇2)`.
   """
+  mm = lambda a, b: _mm(a, b, precision)
   qt_RxBxB = jnp.swapaxes(q_RxBxB, -1, -2)
-  q2t_RxBxB = _mm(qt_RxBxB, qt_RxBxB)
-  grad2_RxBxB = _mm(dg_RxBxB, qt_RxBxB) + _mm(qt_RxBxB, dg_RxBxB)
+  q2t_RxBxB = mm(qt_RxBxB, qt_RxBxB)
+  grad2_RxBxB = mm(dg_RxBxB, qt_RxBxB) + mm(qt_RxBxB, dg_RxBxB)
   return (
-      _mm(grad2_RxBxB + 2.0 * dg_RxBxB, q2t_RxBxB)
-      + _mm(q2t_RxBxB + 2.0 * qt_RxBxB, grad2_RxBxB)
+      mm(grad2_RxBxB + 2.0 * dg_RxBxB, q2t_RxBxB)
+      + mm(q2t_RxBxB + 2.0 * qt_RxBxB, grad2_RxBxB)
       + 2.0 * (dg_RxBxB + grad2_RxBxB)
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _cayley_neumann3(q_RxE: jax.Array, block_size: int) -> jax.Array:
-  return neumann_from_skew(skew.skew_from_packed(q_RxE, block_size), 3)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _cayley_neumann3(q_RxE: jax.Array, block_size: int, precision) -> jax.Array:
+  return neumann_from_skew(skew.skew_from_packed(q_RxE, block_size), 3, precision)
 
 
-def _cayley_neumann3_fwd(q_RxE, block_size):
-  return _cayley_neumann3(q_RxE, block_size), q_RxE
+def _cayley_neumann3_fwd(q_RxE, block_size, precision):
+  return _cayley_neumann3(q_RxE, block_size, precision), q_RxE
 
 
-def _cayley_neumann3_bwd(block_size, q_RxE, dg_RxBxB):
+def _cayley_neumann3_bwd(block_size, precision, q_RxE, dg_RxBxB):
   q_RxBxB = skew.skew_from_packed(q_RxE, block_size)
-  dq_RxBxB = neumann3_skew_cotangent(q_RxBxB, dg_RxBxB.astype(jnp.float32))
+  dq_RxBxB = neumann3_skew_cotangent(q_RxBxB, dg_RxBxB.astype(jnp.float32), precision)
   return (skew.packed_skew_cotangent(dq_RxBxB).astype(q_RxE.dtype),)
 
 
 _cayley_neumann3.defvjp(_cayley_neumann3_fwd, _cayley_neumann3_bwd)
 
 
-def cayley_neumann(q_RxE: jax.Array, block_size: int, neumann_terms: int | None = 3) -> jax.Array:
+def cayley_neumann(
+    q_RxE: jax.Array, block_size: int, neumann_terms: int | None = 3, precision=_HIGHEST
+) -> jax.Array:
   """Orthogonal (or nearly orthogonal) blocks from packed skew generators, XLA path.
 
   For `k = 3` the backward is the closed form of SPEC §3 (saves only `q`); other
@@ -106,14 +112,15 @@ def cayley_neumann(q_RxE: jax.Array, block_size: int, neumann_terms: int | None 
     q_RxE: `(..., R, E)` packed strict upper triangles, `E = B(B-1)/2`.
     block_size: `B`.
     neumann_terms: `k`, or None for the exact Cayley map.
+    precision: of the block products (HIGHEST: true float32).
 
   Returns:
     `(..., R, B, B)` float32 blocks.
   """
   q_RxE = q_RxE.astype(jnp.float32)
   if neumann_terms == 3:
-    return _cayley_neumann3(q_RxE, block_size)
-  return cayley_neumann_reference(q_RxE, block_size, neumann_terms)
+    return _cayley_neumann3(q_RxE, block_size, precision)
+  return neumann_from_skew(skew.skew_from_packed(q_RxE, block_size), neumann_terms, precision)
 
 
 def cayley_neumann_dynamic(q_RxE: jax.Array, block_size: int, neumann_terms: jax.Array) -> jax.Array:

@@ -116,8 +116,9 @@ def poet_linear(
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
   check_shapes(x_NI.shape, base_kernel_IxO.shape, q_in_RxE.shape, q_out_RxE.shape, block_size)
   backend = backends.resolve(implementation, interpret=interpret)
-  g_in = backend.cayley_neumann(q_in_RxE, block_size, neumann_terms)
-  g_out = backend.cayley_neumann(q_out_RxE, block_size, neumann_terms)
+  # DEFAULT precision (TF32 on GPUs) only rounds the Q² terms of G; merges use HIGHEST.
+  g_in = backend.cayley_neumann(q_in_RxE, block_size, neumann_terms, jax.lax.Precision.DEFAULT)
+  g_out = backend.cayley_neumann(q_out_RxE, block_size, neumann_terms, jax.lax.Precision.DEFAULT)
   lead_shape = x_NI.shape[:-1]
   x_2d = x_NI.reshape(-1, x_NI.shape[-1])
   y_2d = _rotated_linear(

@@ -1,0 +1,143 @@
+"""POET-X layer vs a dense layer, forward and forward+backward, on one GPU.
+
+  python -m benchmarks.layer --out benchmarks/results/layer_h100.json
+
+Prints a table and writes JSON records (see the kernels issue): per shape and block
+size, `dense`, `xla` (the pure-JAX path), `pallas_fast`, `pallas_mem`, plus the
+Cayley–Neumann map alone. All in bf16 with N = 2048 tokens, median of rotating inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import timing
+from poetx_jax import cayley, ops, skew
+
+SHAPES = ((4096, 14336), (14336, 4096), (4096, 4096), (2048, 5632))
+BLOCKS = (256, 512)
+CAYLEY_BLOCKS = (64, 128, 192, 256, 320)
+
+
+def _inputs(key, tokens, d_in, d_out, block, sets, dtype):
+  """`sets` independent input sets (x, base kernel, q_in, q_out, perms, dy)."""
+  out = []
+  for s in range(sets):
+    k = jax.random.split(jax.random.fold_in(key, s), 7)
+    e = skew.packed_size(block)
+    out.append(
+        dict(
+            x=jax.random.normal(k[0], (tokens, d_in), dtype),
+            kernel=(jax.random.normal(k[1], (d_in, d_out), jnp.float32) / np.sqrt(d_in)).astype(dtype),
+            q_in=0.01 * jax.random.normal(k[2], (d_in // block, e), jnp.float32),
+            q_out=0.01 * jax.random.normal(k[3], (d_out // block, e), jnp.float32),
+            perm_in_inv=jax.random.permutation(k[4], d_in).astype(jnp.int32),
+            perm_out=jax.random.permutation(k[5], d_out).astype(jnp.int32),
+            dy=jax.random.normal(k[6], (tokens, d_out), dtype),
+        )
+    )
+  return out
+
+
+def _dense_fns():
+  fwd = jax.jit(lambda a: a["x"] @ a["kernel"])
+
+  def fwd_bwd(a):
+    _, vjp = jax.vjp(lambda x, w: x @ w, a["x"], a["kernel"])
+    return vjp(a["dy"])
+
+  return fwd, jax.jit(fwd_bwd)
+
+
+def _poet_fns(block, variant, implementation):
+  def layer(x, q_in, q_out, a):
+    return ops.poet_linear(
+        x, a["kernel"], q_in, q_out, a["perm_in_inv"], a["perm_out"],
+        block_size=block, variant=variant, implementation=implementation,
+    )
+
+  fwd = jax.jit(lambda a: layer(a["x"], a["q_in"], a["q_out"], a))
+
+  def fwd_bwd(a):
+    _, vjp = jax.vjp(lambda x, qi, qo: layer(x, qi, qo, a), a["x"], a["q_in"], a["q_out"])
+    return vjp(a["dy"])
+
+  return fwd, jax.jit(fwd_bwd)
+
+
+def layer_records(impls, tokens=2048, sets=4, shapes=SHAPES, blocks=BLOCKS):
+  records = []
+  key = jax.random.key(0)
+  for d_in, d_out in shapes:
+    for block in blocks:
+      if d_in % block or d_out % block:
+        continue
+      inputs = [(a,) for a in _inputs(key, tokens, d_in, d_out, block, sets, jnp.bfloat16)]
+      dense_fwd, dense_fb = _dense_fns()
+      rows = {"dense": (dense_fwd, dense_fb)}
+      for name, (variant, implementation) in impls.items():
+        rows[name] = _poet_fns(block, variant, implementation)
+      base = None
+      for name, (fwd, fb) in rows.items():
+        fwd_ms = timing.time_ms(fwd, inputs)
+        fb_ms = timing.time_ms(fb, inputs)
+        if name == "dense":
+          base = fb_ms
+        records.append(dict(shape=f"{d_in}x{d_out}", b=block, impl=name, tokens=tokens, fwd_ms=fwd_ms,
+                            fwd_bwd_ms=fb_ms, ratio_to_dense=fb_ms / base))
+        print(f"{d_in:>6}x{d_out:<6} b={block:<4} {name:<12} fwd {fwd_ms:7.3f} ms  fwd+bwd {fb_ms:7.3f} ms"
+              f"  x{fb_ms / base:5.2f} dense", flush=True)
+  return records
+
+
+def cayley_records(impls, blocks_list=CAYLEY_BLOCKS, sizes=BLOCKS, sets=4):
+  records = []
+  for block in sizes:
+    for blocks in blocks_list:
+      inputs = []
+      for s in range(sets):
+        k1, k2 = jax.random.split(jax.random.key(100 + s))
+        inputs.append((0.01 * jax.random.normal(k1, (blocks, skew.packed_size(block)), jnp.float32),
+                       jax.random.normal(k2, (blocks, block, block), jnp.float32)))
+      for name, fn in impls.items():
+        fwd = jax.jit(lambda q, g, fn=fn: fn(q, block))
+        fb = jax.jit(lambda q, g, fn=fn: jax.vjp(lambda v: fn(v, block), q)[1](g))
+        fwd_ms, fb_ms = timing.time_ms(fwd, inputs), timing.time_ms(fb, inputs)
+        records.append(dict(impl="cayley", backend=name, b=block, blocks=blocks, fwd_ms=fwd_ms, fwd_bwd_ms=fb_ms))
+        print(f"cayley {name:<8} b={block:<4} blocks={blocks:<4} fwd {fwd_ms:7.3f} ms  fwd+bwd {fb_ms:7.3f} ms", flush=True)
+  return records
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--out", default=None, help="JSON output path")
+  parser.add_argument("--tokens", type=int, default=2048)
+  parser.add_argument("--impls", default="xla,pallas_fast,pallas_mem", help="comma-separated POET-X rows besides dense")
+  parser.add_argument("--skip_cayley", action="store_true")
+  args = parser.parse_args(argv)
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+  known = {"xla": ("fast", "xla"), "xla_mem": ("mem", "xla"), "pallas_fast": ("fast", "pallas"), "pallas_mem": ("mem", "pallas")}
+  impls = {name: known[name] for name in args.impls.split(",") if name}
+  records = layer_records(impls, tokens=args.tokens)
+  if not args.skip_cayley:
+    cayley_impls = {"xla": lambda q, b: cayley.cayley_neumann(q, b, 3)}
+    if any(i.startswith("pallas") for i in impls):
+      from poetx_jax.kernels import cayley_neumann as cn  # pylint: disable=g-import-not-at-top
+      cayley_impls["pallas"] = lambda q, b: cn.cayley_neumann(q, b)
+    records += cayley_records(cayley_impls)
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "command": " ".join(sys.argv),
+                 "records": records}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
