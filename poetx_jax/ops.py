@@ -7,6 +7,9 @@ no third GEMM), and the two variants differ only in what they keep:
 
 * `fast` keeps `x` and `h = x[perm_in_inv]·BD(G_in)·K_s`;
 * `mem` keeps only `x` and recomputes `h` in the backward (one extra GEMM).
+
+Inside the layer activations are feature-major (`(D, N)`, see `rotation.py`), so
+every permutation moves whole rows of tokens.
 """
 
 from __future__ import annotations
@@ -21,42 +24,43 @@ from poetx_jax import backends, cayley, permutation, rotation
 VARIANTS = ("fast", "mem")
 
 
-def _matmul(a: jax.Array, b: jax.Array, precision) -> jax.Array:
-  return jnp.matmul(a, b.astype(a.dtype), precision=precision)
-
-
-def _hidden(backend, x_NI, k_IxO, g_in, perm_in_inv, precision):
-  return _matmul(backend.gather_rotate(x_NI, perm_in_inv, g_in), k_IxO, precision)
+def _hidden_t(backend, x_IxN, k_IxO, g_in, perm_in_inv, precision):
+  """`hᵀ = K_sᵀ · (x[..., perm_in_inv]·BD(G_in))ᵀ`, `(O, N)`: the one large GEMM of the forward."""
+  xr_IxN = backend.gather_rotate(x_IxN, perm_in_inv, g_in)
+  return jnp.matmul(k_IxO.astype(x_IxN.dtype).T, xr_IxN, precision=precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _rotated_linear(backend, keep_hidden, precision, x_NI, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out, perm_out_inv):
-  del keep_hidden, perm_in, perm_out_inv
-  h_NO = _hidden(backend, x_NI, k_IxO, g_in, perm_in_inv, precision)
-  return backend.rotate_gather(h_NO, g_out, perm_out)
+  return _rotated_linear_fwd(
+      backend, keep_hidden, precision, x_NI, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out, perm_out_inv
+  )[0]
 
 
 def _rotated_linear_fwd(backend, keep_hidden, precision, x_NI, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out, perm_out_inv):
-  h_NO = _hidden(backend, x_NI, k_IxO, g_in, perm_in_inv, precision)
-  y_NO = backend.rotate_gather(h_NO, g_out, perm_out)
-  saved_h = h_NO if keep_hidden else None
-  return y_NO, (x_NI, saved_h, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out_inv)
+  x_IxN = x_NI.T  # feature-major inside the layer: permutations move whole rows
+  h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_in, perm_in_inv, precision)
+  y_OxN = backend.rotate_gather(h_OxN, g_out, perm_out, perm_out_inv)
+  saved_h = h_OxN if keep_hidden else None
+  return y_OxN.T, (x_IxN, saved_h, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out_inv)
 
 
 def _rotated_linear_bwd(backend, keep_hidden, precision, residuals, dy_NO):
   del keep_hidden
-  x_NI, h_NO, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out_inv = residuals
-  if h_NO is None:  # mem: recompute the hidden state, one extra large GEMM
-    h_NO = _hidden(backend, x_NI, k_IxO, g_in, perm_in_inv, precision)
+  x_IxN, h_OxN, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out_inv = residuals
+  if h_OxN is None:  # mem: recompute the hidden state, one extra large GEMM
+    h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_in, perm_in_inv, precision)
   block_in, block_out = g_in.shape[-1], g_out.shape[-1]
-  # dG_out[i] = Σ h_iᵀ g1_i with g1 = dy[perm_out_inv]; dh = g1 · BD(G_out)ᵀ.
-  dg_out = backend.gathered_block_outer_sum(h_NO, None, dy_NO, perm_out_inv, block_out)
-  dh_NO = backend.gather_rotate(dy_NO, perm_out_inv, g_out, transpose=True)
-  dxr_NI = _matmul(dh_NO, k_IxO.T, precision)  # the second large GEMM; K_s gets no gradient
-  # dG_in[j] = Σ xp_jᵀ dxr_j with xp = x[perm_in_inv]; dx = (dxr · BD(G_in)ᵀ)[perm_in].
-  dg_in = backend.gathered_block_outer_sum(x_NI, perm_in_inv, dxr_NI, None, block_in)
-  dx_NI = backend.rotate_gather(dxr_NI, g_in, perm_in, transpose=True)
-  return (dx_NI, None, dg_in.astype(g_in.dtype), dg_out.astype(g_out.dtype), None, None, None, None)
+  dy_OxN = dy_NO.T
+  # dG_out[i] = Σ h_iᵀ g1_i with g1 = dy[..., perm_out_inv]; dh = g1 · BD(G_out)ᵀ.
+  dg_out = backend.gathered_block_outer_sum(h_OxN, None, dy_OxN, perm_out_inv, block_out)
+  dh_OxN = backend.gather_rotate(dy_OxN, perm_out_inv, g_out, transpose=True)
+  # The second large GEMM; K_s gets no gradient, so there is no third.
+  dxr_IxN = jnp.matmul(k_IxO.astype(dh_OxN.dtype), dh_OxN, precision=precision)
+  # dG_in[j] = Σ xp_jᵀ dxr_j with xp = x[..., perm_in_inv]; dx = (dxr · BD(G_in)ᵀ)[..., perm_in].
+  dg_in = backend.gathered_block_outer_sum(x_IxN, perm_in_inv, dxr_IxN, None, block_in)
+  dx_IxN = backend.rotate_gather(dxr_IxN, g_in, perm_in, perm_in_inv, transpose=True)
+  return (dx_IxN.T, None, dg_in.astype(g_in.dtype), dg_out.astype(g_out.dtype), None, None, None, None)
 
 
 _rotated_linear.defvjp(_rotated_linear_fwd, _rotated_linear_bwd)

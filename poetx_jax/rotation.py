@@ -72,26 +72,44 @@ def rotate_matrix_cols(k_IxO: jax.Array, g_RxBxB: jax.Array) -> jax.Array:
   return out.reshape(k_IxO.shape)
 
 
-# The four data-path primitives of a POET-X layer (SPEC §4). An implementation
-# (XLA here, Pallas in `poetx_jax.kernels`) supplies each with the same signature.
+# The data-path primitives of a POET-X layer (SPEC §4), feature-major.
+#
+# Activations inside the layer are transposed to `(D, N)` (tokens contiguous): the
+# permutations then move whole rows, which reads and writes memory in full lines,
+# where gathering columns of a row-major `(N, D)` array touches one 32-byte sector
+# per element (about 4x slower on an H100). An implementation (XLA here, Pallas in
+# `poetx_jax.kernels`) supplies each primitive with the same signature.
 
 
-def gather_rotate(x_ND: jax.Array, perm_D: jax.Array, g_RxBxB: jax.Array, *, transpose: bool = False) -> jax.Array:
-  """`x[..., perm] @ BD(G)` (or `BD(G)ᵀ`): the input side of the forward."""
-  return rotate_blocks(jnp.take(x_ND, perm_D, axis=-1), g_RxBxB, transpose=transpose)
+def rotate_rows(a_DxN: jax.Array, g_RxBxB: jax.Array, *, transpose: bool = False) -> jax.Array:
+  """`(aᵀ · BD(G))ᵀ` (or with `BD(G)ᵀ`): each group of `B` rows mixed by its block."""
+  num_blocks, block, _ = g_RxBxB.shape
+  a_RxBxN = a_DxN.reshape(num_blocks, block, a_DxN.shape[-1])
+  spec = "rcb,rbn->rcn" if transpose else "rbc,rbn->rcn"
+  out = einsum_f32(spec, g_RxBxB.astype(a_DxN.dtype), a_RxBxN)
+  return out.astype(a_DxN.dtype).reshape(a_DxN.shape)
 
 
-def rotate_gather(x_ND: jax.Array, g_RxBxB: jax.Array, perm_D: jax.Array, *, transpose: bool = False) -> jax.Array:
-  """`(x @ BD(G))[..., perm]` (or with `BD(G)ᵀ`): the output side of the forward."""
-  return jnp.take(rotate_blocks(x_ND, g_RxBxB, transpose=transpose), perm_D, axis=-1)
+def gather_rotate(a_DxN: jax.Array, perm_D: jax.Array, g_RxBxB: jax.Array, *, transpose: bool = False) -> jax.Array:
+  """Rows gathered by `perm`, then rotated: the input side of the forward (`x[..., perm]·BD(G)`)."""
+  return rotate_rows(jnp.take(a_DxN, perm_D, axis=0), g_RxBxB, transpose=transpose)
+
+
+def rotate_gather(
+    a_DxN: jax.Array, g_RxBxB: jax.Array, perm_D: jax.Array, perm_inv_D: jax.Array, *, transpose: bool = False
+) -> jax.Array:
+  """Rows rotated, then gathered by `perm` (a kernel may scatter by `perm_inv` instead)."""
+  del perm_inv_D
+  return jnp.take(rotate_rows(a_DxN, g_RxBxB, transpose=transpose), perm_D, axis=0)
 
 
 def gathered_block_outer_sum(
-    a_ND: jax.Array, perm_a_D: jax.Array | None, g_ND: jax.Array, perm_g_D: jax.Array | None, block_size: int
+    a_DxN: jax.Array, perm_a_D: jax.Array | None, g_DxN: jax.Array, perm_g_D: jax.Array | None, block_size: int
 ) -> jax.Array:
-  """`Σ_tokens a[..., perm_a]_rᵀ g[..., perm_g]_r` per block (a `None` perm means none), float32."""
+  """`dG[r] = Σ_n a[perm_a]_r · g[perm_g]_rᵀ` over row blocks (`None`: no gather), float32."""
   if perm_a_D is not None:
-    a_ND = jnp.take(a_ND, perm_a_D, axis=-1)
+    a_DxN = jnp.take(a_DxN, perm_a_D, axis=0)
   if perm_g_D is not None:
-    g_ND = jnp.take(g_ND, perm_g_D, axis=-1)
-  return block_outer_sum(a_ND, g_ND, block_size)
+    g_DxN = jnp.take(g_DxN, perm_g_D, axis=0)
+  shape = (a_DxN.shape[0] // block_size, block_size, a_DxN.shape[-1])
+  return einsum_f32("rbn,rcn->rbc", a_DxN.reshape(shape), g_DxN.reshape(shape))

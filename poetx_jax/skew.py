@@ -53,10 +53,22 @@ def skew_from_packed(q_RxE: jax.Array, block_size: int) -> jax.Array:
         f"packed generators have {q_RxE.shape[-1]} entries per block; block size"
         f" {block_size} needs {packed_size(block_size)}."
     )
-  rows, cols = _triu(block_size)
-  m_RxBxB = jnp.zeros(q_RxE.shape[:-1] + (block_size, block_size), q_RxE.dtype)
-  m_RxBxB = m_RxBxB.at[..., rows, cols].set(q_RxE)
-  return m_RxBxB - jnp.swapaxes(m_RxBxB, -1, -2)
+  # A gather, not a scatter (much faster on GPUs): entry (i, j) reads packed slot
+  # `index[i, j]` (the slot of (min, max); the diagonal reads an appended zero) and
+  # takes the sign of j - i.
+  index_BxB, sign_BxB = _gather_maps(block_size)
+  padded_RxE1 = jnp.concatenate([q_RxE, jnp.zeros(q_RxE.shape[:-1] + (1,), q_RxE.dtype)], axis=-1)
+  return jnp.take(padded_RxE1, index_BxB, axis=-1) * sign_BxB.astype(q_RxE.dtype)
+
+
+def _gather_maps(block_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(slot of each entry of a B x B skew block in the packed vector, its sign)."""
+  i, j = np.meshgrid(np.arange(block_size), np.arange(block_size), indexing="ij")
+  lo, hi = np.minimum(i, j), np.maximum(i, j)
+  # Row-major strict upper triangle: row `lo` starts after lo*B - lo(lo+1)/2 entries.
+  slot = lo * block_size - lo * (lo + 1) // 2 + (hi - lo - 1)
+  slot = np.where(i == j, packed_size(block_size), slot).astype(np.int32)
+  return slot, np.sign(j - i).astype(np.int8)
 
 
 def packed_from_skew(q_RxBxB: jax.Array) -> jax.Array:

@@ -1,0 +1,67 @@
+"""Where does a POET-X layer's time go? Each piece of the XLA path timed alone.
+
+  python -m benchmarks.components [--out_dir DIR]
+
+Prints one table (median ms, bf16, N tokens) and, with --out_dir, writes the
+optimized HLO of the layer's forward+backward for reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import layer as layer_bench
+from benchmarks import timing
+from poetx_jax import cayley, rotation
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--out_dir", default=None)
+  parser.add_argument("--tokens", type=int, default=2048)
+  args = parser.parse_args(argv)
+  n = args.tokens
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, N={n}", flush=True)
+  for d_in, d_out, block in ((4096, 14336, 256), (14336, 4096, 256)):
+    sets = layer_bench._inputs(jax.random.key(0), n, d_in, d_out, block, 4, jnp.bfloat16)  # pylint: disable=protected-access
+    args_sets = [(a,) for a in sets]
+    g_in = [cayley.cayley_neumann(a["q_in"], block) for a in sets]
+    g_out = [cayley.cayley_neumann(a["q_out"], block) for a in sets]
+    for a, gi, go in zip(sets, g_in, g_out):
+      a["g_in"], a["g_out"] = gi, go
+      a["h"] = (a["x"] @ a["kernel"])
+    hp = jax.lax.Precision.HIGHEST
+    dp = jax.lax.Precision.DEFAULT
+    pieces = {
+        "take x[:, perm_in_inv]": lambda a: jnp.take(a["x"], a["perm_in_inv"], axis=-1),
+        "rotate x (einsum)": lambda a: rotation.rotate_blocks(a["x"], a["g_in"]),
+        "gather+rotate x": lambda a: rotation.gather_rotate(a["x"], a["perm_in_inv"], a["g_in"]),
+        "GEMM x @ K": lambda a: a["x"] @ a["kernel"],
+        "rotate+gather h": lambda a: rotation.rotate_gather(a["h"], a["g_out"], a["perm_out"]),
+        "dG_out = sum h^T g": lambda a: rotation.gathered_block_outer_sum(a["h"], None, a["dy"], a["perm_out"], block),
+        "cayley in+out HIGHEST fwd": lambda a: (cayley.cayley_neumann(a["q_in"], block, 3, hp), cayley.cayley_neumann(a["q_out"], block, 3, hp)),
+        "cayley in+out DEFAULT fwd": lambda a: (cayley.cayley_neumann(a["q_in"], block, 3, dp), cayley.cayley_neumann(a["q_out"], block, 3, dp)),
+        "cayley in+out DEFAULT fwd+bwd": lambda a: jax.vjp(
+            lambda qi, qo: (cayley.cayley_neumann(qi, block, 3, dp), cayley.cayley_neumann(qo, block, 3, dp)), a["q_in"], a["q_out"]
+        )[1]((a["g_in"], a["g_out"])),
+    }
+    print(f"--- {d_in}x{d_out} b={block}")
+    for name, fn in pieces.items():
+      print(f"  {name:<34} {timing.time_ms(jax.jit(fn), args_sets):8.3f} ms", flush=True)
+    for impl, (variant, implementation) in {"xla fast": ("fast", "xla"), "xla mem": ("mem", "xla")}.items():
+      fwd, fb = layer_bench._poet_fns(block, variant, implementation)  # pylint: disable=protected-access
+      print(f"  layer {impl:<28} fwd {timing.time_ms(fwd, args_sets):7.3f}  fwd+bwd {timing.time_ms(fb, args_sets):7.3f} ms")
+      if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, f"hlo_{impl.replace(' ', '_')}_{d_in}x{d_out}.txt"), "w") as f:
+          f.write(fb.lower(sets[0]).compile().as_text())
+    dfwd, dfb = layer_bench._dense_fns()  # pylint: disable=protected-access
+    print(f"  layer {'dense':<28} fwd {timing.time_ms(dfwd, args_sets):7.3f}  fwd+bwd {timing.time_ms(dfb, args_sets):7.3f} ms")
+
+
+if __name__ == "__main__":
+  main()

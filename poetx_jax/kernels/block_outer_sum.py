@@ -1,0 +1,112 @@
+"""The blocks' cotangents `S_r = Σ_n a[pa]_r · g[pg]_rᵀ`, with fused row gathers.
+
+For a rotation `rot_r = G_rᵀ x_r` the cotangent of `G_r` is `Σ_tokens x_r drot_rᵀ`
+(SPEC §4): a reduction over all tokens of `B x B` outer products per block. Each
+program owns one tile of one block's `B x B` result and streams over the tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from poetx_jax.kernels import block_sizes
+from poetx_jax.kernels import triton_backend as tb
+
+
+def block_outer_sum_reference(a_DxN, perm_a, g_DxN, perm_g, block_size):
+  """The same reduction in plain jnp (float32)."""
+  if perm_a is not None:
+    a_DxN = jnp.take(a_DxN, perm_a, axis=0)
+  if perm_g is not None:
+    g_DxN = jnp.take(g_DxN, perm_g, axis=0)
+  shape = (a_DxN.shape[0] // block_size, block_size, a_DxN.shape[1])
+  return jnp.einsum(
+      "rbn,rcn->rbc", a_DxN.reshape(shape).astype(jnp.float32), g_DxN.reshape(shape).astype(jnp.float32),
+      precision=jax.lax.Precision.HIGHEST,
+  )
+
+
+def _kernel(*refs, block, tokens_total, tiles, gather_a, gather_g):
+  refs = list(refs)
+  perm_a_ref = refs.pop(0) if gather_a else None
+  perm_g_ref = refs.pop(0) if gather_g else None
+  a_ref, g_ref, o_ref = refs
+  r, row_tile, col_tile = tb.program_id(0), tb.program_id(1), tb.program_id(2)
+  rows = row_tile * tiles.rows + jnp.arange(tiles.rows)
+  cols = col_tile * tiles.cols + jnp.arange(tiles.cols)
+  source_a = r * block + rows
+  source_g = r * block + cols
+  if gather_a:
+    source_a = tb.load(perm_a_ref.at[source_a])
+  if gather_g:
+    source_g = tb.load(perm_g_ref.at[source_g])
+
+  def step(k, acc):
+    tokens = k * tiles.depth + jnp.arange(tiles.depth)
+    mask = (tokens < tokens_total)[None, :]
+    a = tb.load(a_ref.at[source_a[:, None], tokens[None, :]], mask=mask, other=0)
+    g = tb.load(g_ref.at[source_g[:, None], tokens[None, :]], mask=mask, other=0)
+    return acc + tb.dot(a, g.astype(a.dtype).T)
+
+  steps = tb.cdiv(tokens_total, tiles.depth)
+  acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((tiles.rows, tiles.cols), jnp.float32))
+  tb.store(o_ref.at[r, rows[:, None], cols[None, :]], acc)
+
+
+def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret):
+  d, n = a_DxN.shape
+  if g_DxN.shape != a_DxN.shape or d % block_size:
+    raise ValueError(f"need two (D, N) arrays with D divisible by {block_size}; got {a_DxN.shape} and {g_DxN.shape}.")
+  num_blocks = d // block_size
+  tiles = block_sizes.outer_sum_tiles(block_size, n)
+  kernel = functools.partial(
+      _kernel, block=block_size, tokens_total=n, tiles=tiles, gather_a=perm_a is not None, gather_g=perm_g is not None
+  )
+  perms = [p.astype(jnp.int32) for p in (perm_a, perm_g) if p is not None]
+  call = tb.pallas_call(
+      kernel,
+      grid=(num_blocks, block_size // tiles.rows, block_size // tiles.cols),
+      out_shape=jax.ShapeDtypeStruct((num_blocks, block_size, block_size), jnp.float32),
+      name="poetx_block_outer_sum",
+      interpret=interpret,
+      num_warps=tiles.num_warps,
+  )
+  return call(*perms, a_DxN, g_DxN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _outer_sum(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret):
+  return _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret)
+
+
+def _outer_sum_fwd(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret):
+  return _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret), (a_DxN, perm_a, g_DxN, perm_g)
+
+
+def _outer_sum_bwd(block_size, interpret, residuals, ds_RxBxB):
+  from poetx_jax.kernels import block_rotation  # pylint: disable=g-import-not-at-top  (mutual VJPs)
+
+  a_DxN, perm_a, g_DxN, perm_g = residuals
+  # S_r = X_r Y_rᵀ: dX_r = dS_r Y_r (read g gathered by perm_g, write back through perm_a), and
+  # dY_r = dS_rᵀ X_r (read a gathered by perm_a, write back through perm_g).
+  da = block_rotation.block_rotate(g_DxN, ds_RxBxB, gather=perm_g, scatter=perm_a, transpose=True, interpret=interpret)
+  dg = block_rotation.block_rotate(a_DxN, ds_RxBxB, gather=perm_a, scatter=perm_g, transpose=False, interpret=interpret)
+  return da.astype(a_DxN.dtype), None, dg.astype(g_DxN.dtype), None
+
+
+_outer_sum.defvjp(_outer_sum_fwd, _outer_sum_bwd)
+
+
+def block_outer_sum(a_DxN, perm_a, g_DxN, perm_g, block_size, *, interpret=False):
+  """`S[r] = Σ_n a[perm_a]_r g[perm_g]_rᵀ`, float32 `(R, B, B)`; `None` perms mean no gather.
+
+  Args:
+    a_DxN, g_DxN: `(D, N)` activations of the same shape (any float dtypes).
+    perm_a, perm_g: optional `(D,)` int32 row gathers.
+    block_size: `B`.
+    interpret: run in the Pallas interpreter.
+  """
+  return _outer_sum(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret)

@@ -1,0 +1,62 @@
+"""Tile sizes per shape: a small heuristic, every choice commented.
+
+Register budget: a float32 accumulator of `rows x cols` spread over `num_warps`
+warps costs `rows·cols / (32·num_warps)` registers per thread; keeping that at or
+under 64 leaves room for operands and pipelining on an H100 (255 regs/thread max).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class RotationTiles:
+  rows: int  # output rows per program (a slice of one block's B rows)
+  tokens: int  # tokens per program
+  depth: int  # reduction chunk over the block's B inputs
+  num_warps: int
+
+
+def rotation_tiles(block_size: int, tokens: int) -> RotationTiles:
+  """Tiles of `gather_rotate` / `rotate_scatter`.
+
+  Each program owns one block's rows (up to 256, so a gathered input row is read
+  once per 256 outputs) over a token tile; 256 x 64 float32 accumulators over 8
+  warps are 64 registers per thread. Short inputs use fewer tokens per program.
+  """
+  rows = min(block_size, 256)
+  token_tile = 64 if rows >= 256 else 128
+  token_tile = min(token_tile, max(16, _next_pow2(tokens)))
+  return RotationTiles(rows=rows, tokens=token_tile, depth=min(32, block_size), num_warps=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class OuterSumTiles:
+  rows: int  # rows of a per program
+  cols: int  # rows of g per program
+  depth: int  # tokens per reduction step
+  num_warps: int
+
+
+def outer_sum_tiles(block_size: int, tokens: int) -> OuterSumTiles:
+  """Tiles of `gathered_block_outer_sum`: 128 x 128 float32 partials (64 regs/thread at 8 warps)."""
+  side = min(block_size, 128)
+  return OuterSumTiles(rows=side, cols=side, depth=min(64, max(16, _next_pow2(tokens))), num_warps=8)
+
+
+@dataclasses.dataclass(frozen=True)
+class CayleyTiles:
+  side: int  # output tile is side x side
+  depth: int  # reduction chunk
+  num_warps: int
+
+
+def cayley_tiles(block_size: int) -> CayleyTiles:
+  """Tiles of the Cayley–Neumann kernels: 64 x 64 outputs (2 small matmuls per step, 4 warps)."""
+  side = min(block_size, 64)
+  return CayleyTiles(side=side, depth=min(32, block_size), num_warps=4)
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())

@@ -1,0 +1,150 @@
+"""Every Pallas kernel against its plain-jnp reference, forward and VJP, fresh random inputs.
+
+One base class per kernel; subclasses run it interpreted on the CPU (always) and
+compiled on a GPU (when there is one). Tolerances by dtype and mode in one place.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import relative_error
+
+from poetx_jax import cayley, skew
+from poetx_jax.kernels import block_outer_sum, block_rotation
+from poetx_jax.kernels import cayley_neumann as cayley_kernel
+from poetx_jax.kernels import triton_backend
+
+ON_GPU = jax.default_backend() == "gpu"
+
+# Relative L2 error allowed: the interpreter runs float32 exactly; the GPU's float32
+# dots are TF32; bfloat16 inputs round each product operand.
+TOLERANCE = {("interpret", "float32"): 2e-5, ("gpu", "float32"): 3e-3, ("interpret", "bfloat16"): 2e-2, ("gpu", "bfloat16"): 2e-2}
+
+
+class KernelCase:
+  mode = "interpret"
+
+  @property
+  def interpret(self):
+    return self.mode == "interpret"
+
+  def tol(self, dtype):
+    return TOLERANCE[(self.mode, jnp.dtype(dtype).name)]
+
+
+class BlockRotationBase(KernelCase):
+  @pytest.mark.parametrize("block,rows_blocks,tokens", [(16, 3, 37), (32, 2, 64), (64, 2, 5), (128, 1, 130)])
+  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+  @pytest.mark.parametrize("gather,scatter", [(False, False), (True, False), (False, True), (True, True)])
+  @pytest.mark.parametrize("transpose", [False, True])
+  def test_forward_and_vjp(self, rng, block, rows_blocks, tokens, dtype, gather, scatter, transpose):
+    d = block * rows_blocks
+    a = jnp.asarray(rng.standard_normal((d, tokens)), dtype)
+    g = jnp.asarray(rng.standard_normal((rows_blocks, block, block)) / np.sqrt(block), jnp.float32)
+    perm_g = jnp.asarray(rng.permutation(d), jnp.int32) if gather else None
+    perm_s = jnp.asarray(rng.permutation(d), jnp.int32) if scatter else None
+    fn = lambda a, g: block_rotation.block_rotate(a, g, gather=perm_g, scatter=perm_s, transpose=transpose, interpret=self.interpret)
+    ref = lambda a, g: block_rotation.block_rotate_reference(a, g, perm_g, perm_s, transpose)
+    out, vjp = jax.vjp(fn, a, g)
+    out_ref, vjp_ref = jax.vjp(ref, a, g)
+    assert out.dtype == a.dtype and out.shape == a.shape
+    assert relative_error(out, out_ref) < self.tol(dtype)
+    cot = jnp.asarray(rng.standard_normal(out.shape), dtype)
+    for got, want in zip(vjp(cot), vjp_ref(cot)):
+      assert relative_error(got, want) < self.tol(dtype)
+
+
+class BlockOuterSumBase(KernelCase):
+  @pytest.mark.parametrize("block,rows_blocks,tokens", [(16, 3, 37), (32, 2, 100), (128, 1, 17)])
+  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+  @pytest.mark.parametrize("gather_a,gather_g", [(False, False), (True, False), (True, True)])
+  def test_forward_and_vjp(self, rng, block, rows_blocks, tokens, dtype, gather_a, gather_g):
+    d = block * rows_blocks
+    a = jnp.asarray(rng.standard_normal((d, tokens)), dtype)
+    g = jnp.asarray(rng.standard_normal((d, tokens)), dtype)
+    pa = jnp.asarray(rng.permutation(d), jnp.int32) if gather_a else None
+    pg = jnp.asarray(rng.permutation(d), jnp.int32) if gather_g else None
+    fn = lambda a, g: block_outer_sum.block_outer_sum(a, pa, g, pg, block, interpret=self.interpret)
+    ref = lambda a, g: block_outer_sum.block_outer_sum_reference(a, pa, g, pg, block)
+    out, vjp = jax.vjp(fn, a, g)
+    out_ref, vjp_ref = jax.vjp(ref, a, g)
+    assert out.dtype == jnp.float32
+    assert relative_error(out, out_ref) < self.tol(dtype)
+    cot = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    for got, want in zip(vjp(cot), vjp_ref(cot)):
+      assert relative_error(got, want) < self.tol(dtype)
+
+
+class CayleyNeumannBase(KernelCase):
+  @pytest.mark.parametrize("block,blocks", [(16, 3), (32, 2), (64, 2), (128, 1)])
+  @pytest.mark.parametrize("scale", [0.01, 0.2])
+  def test_forward_and_vjp(self, rng, block, blocks, scale):
+    q = jnp.asarray(scale * rng.standard_normal((blocks, skew.packed_size(block))), jnp.float32)
+    fn = lambda v: cayley_kernel.cayley_neumann(v, block, interpret=self.interpret)
+    ref = lambda v: cayley.cayley_neumann_reference(v, block, 3)
+    out, vjp = jax.vjp(fn, q)
+    out_ref, vjp_ref = jax.vjp(ref, q)
+    # G = I + (small): compare the deviation from I, which is what rounding can touch.
+    eye = jnp.eye(block)
+    assert relative_error(out - eye, out_ref - eye) < self.tol("float32")
+    cot = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    assert relative_error(vjp(cot)[0], vjp_ref(cot)[0]) < self.tol("float32")
+
+  def test_zero_is_identity(self):
+    out = cayley_kernel.cayley_neumann(jnp.zeros((2, skew.packed_size(32))), 32, interpret=self.interpret)
+    np.testing.assert_array_equal(out, jnp.broadcast_to(jnp.eye(32), (2, 32, 32)))
+
+  def test_bad_block_size_raises(self):
+    with pytest.raises(ValueError, match="power-of-two block size"):
+      cayley_kernel.cayley_neumann(jnp.zeros((1, skew.packed_size(24))), 24, interpret=True)
+
+
+class TestBlockRotationInterpret(BlockRotationBase):
+  mode = "interpret"
+
+
+class TestBlockOuterSumInterpret(BlockOuterSumBase):
+  mode = "interpret"
+
+
+class TestCayleyNeumannInterpret(CayleyNeumannBase):
+  mode = "interpret"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+class TestBlockRotationGPU(BlockRotationBase):
+  mode = "gpu"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+class TestBlockOuterSumGPU(BlockOuterSumBase):
+  mode = "gpu"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+class TestCayleyNeumannGPU(CayleyNeumannBase):
+  mode = "gpu"
+
+
+@pytest.mark.parametrize("block", [32, 64, 128, 256, 512])
+def test_every_kernel_lowers_to_triton_for_an_h100(block):
+  """Catches Triton lowering errors (tile shapes, dtypes, indexing) on a CPU-only machine."""
+  blocks, tokens = 2, 200
+  a = jax.ShapeDtypeStruct((blocks * block, tokens), jnp.bfloat16)
+  g = jax.ShapeDtypeStruct((blocks, block, block), jnp.float32)
+  p = jax.ShapeDtypeStruct((blocks * block,), jnp.int32)
+  q = jax.ShapeDtypeStruct((blocks, skew.packed_size(block)), jnp.float32)
+  def forward_and_vjp(fn, primals, cotangent):
+    out, vjp = jax.vjp(fn, *primals)
+    return out, vjp(cotangent)
+
+  rotate = lambda a, g, p: forward_and_vjp(lambda a, g: block_rotation.block_rotate(a, g, gather=p), (a, g), a)
+  cayley_fb = lambda q, g: forward_and_vjp(lambda v: cayley_kernel.cayley_neumann(v, block), (q,), g)
+  for fn, args, names in (
+      (rotate, (a, g, p), ("poetx_block_rotate", "poetx_block_outer_sum")),
+      (cayley_fb, (q, g), ("poetx_cayley_square", "poetx_cayley_neumann", "poetx_cayley_grad2", "poetx_cayley_dq")),
+  ):
+    module = triton_backend.lower_for_h100(fn, *args)
+    for name in names:
+      assert f'name = "{name}"' in module, name
