@@ -34,15 +34,19 @@ def main(argv=None):
     for a, gi, go in zip(sets, g_in, g_out):
       a["g_in"], a["g_out"] = gi, go
       a["h"] = (a["x"] @ a["kernel"])
+      a["xT"], a["hT"], a["dyT"] = a["x"].T, a["h"].T, a["dy"].T
     hp = jax.lax.Precision.HIGHEST
     dp = jax.lax.Precision.DEFAULT
     pieces = {
-        "take x[:, perm_in_inv]": lambda a: jnp.take(a["x"], a["perm_in_inv"], axis=-1),
-        "rotate x (einsum)": lambda a: rotation.rotate_blocks(a["x"], a["g_in"]),
-        "gather+rotate x": lambda a: rotation.gather_rotate(a["x"], a["perm_in_inv"], a["g_in"]),
+        "take x[:, perm] (row-major)": lambda a: jnp.take(a["x"], a["perm_in_inv"], axis=-1),
+        "take xT[perm] (feature-major)": lambda a: jnp.take(a["xT"], a["perm_in_inv"], axis=0),
+        "transpose x": lambda a: a["x"].T,
+        "rotate rows xT": lambda a: rotation.rotate_rows(a["xT"], a["g_in"]),
+        "gather+rotate xT": lambda a: rotation.gather_rotate(a["xT"], a["perm_in_inv"], a["g_in"]),
         "GEMM x @ K": lambda a: a["x"] @ a["kernel"],
-        "rotate+gather h": lambda a: rotation.rotate_gather(a["h"], a["g_out"], a["perm_out"]),
-        "dG_out = sum h^T g": lambda a: rotation.gathered_block_outer_sum(a["h"], None, a["dy"], a["perm_out"], block),
+        "GEMM K^T @ xT": lambda a: a["kernel"].T @ a["xT"],
+        "rotate+gather hT": lambda a: rotation.rotate_gather(a["hT"], a["g_out"], a["perm_out"], None),
+        "dG_out = sum hT gT": lambda a: rotation.gathered_block_outer_sum(a["hT"], None, a["dyT"], a["perm_out"], block),
         "cayley in+out HIGHEST fwd": lambda a: (cayley.cayley_neumann(a["q_in"], block, 3, hp), cayley.cayley_neumann(a["q_out"], block, 3, hp)),
         "cayley in+out DEFAULT fwd": lambda a: (cayley.cayley_neumann(a["q_in"], block, 3, dp), cayley.cayley_neumann(a["q_out"], block, 3, dp)),
         "cayley in+out DEFAULT fwd+bwd": lambda a: jax.vjp(
@@ -52,7 +56,18 @@ def main(argv=None):
     print(f"--- {d_in}x{d_out} b={block}")
     for name, fn in pieces.items():
       print(f"  {name:<34} {timing.time_ms(jax.jit(fn), args_sets):8.3f} ms", flush=True)
-    for impl, (variant, implementation) in {"xla fast": ("fast", "xla"), "xla mem": ("mem", "xla")}.items():
+    impls = {"xla fast": ("fast", "xla"), "xla mem": ("mem", "xla")}
+    if jax.default_backend() == "gpu":
+      from poetx_jax.kernels import block_outer_sum, block_rotation  # pylint: disable=g-import-not-at-top
+      pallas_pieces = {
+          "pallas gather+rotate xT": lambda a: block_rotation.gather_rotate(a["xT"], a["perm_in_inv"], a["g_in"]),
+          "pallas rotate+scatter hT": lambda a: block_rotation.rotate_gather(a["hT"], a["g_out"], None, a["perm_out"]),
+          "pallas dG_out": lambda a: block_outer_sum.block_outer_sum(a["hT"], None, a["dyT"], a["perm_out"], block),
+      }
+      for name, fn in pallas_pieces.items():
+        print(f"  {name:<34} {timing.time_ms(jax.jit(fn), args_sets):8.3f} ms", flush=True)
+      impls.update({"pallas fast": ("fast", "pallas"), "pallas mem": ("mem", "pallas")})
+    for impl, (variant, implementation) in impls.items():
       fwd, fb = layer_bench._poet_fns(block, variant, implementation)  # pylint: disable=protected-access
       print(f"  layer {impl:<28} fwd {timing.time_ms(fwd, args_sets):7.3f}  fwd+bwd {timing.time_ms(fb, args_sets):7.3f} ms")
       if args.out_dir:
