@@ -38,7 +38,6 @@ import itertools
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -248,6 +247,10 @@ def is_built(data_dir: str, name: str) -> bool:
   return os.path.exists(os.path.join(dataset_dir(data_dir, name), "dataset_info.json"))
 
 
+class NoTextError(ValueError):
+  """The documents given for a dataset hold no text."""
+
+
 class _SplitTexts:
   """The pieces of one split, re-read from `documents()` on every pass (nothing held in memory)."""
 
@@ -276,14 +279,26 @@ def write_text_dataset(data_dir: str, name: str, documents: Callable[[], Iterabl
     The dataset's directory, readable with `tfds.builder_from_directory`.
 
   Raises:
-    ValueError: when the documents hold no text (nothing is left in `data_dir`).
+    NoTextError: when the documents hold no text for the train split. A split
+      without documents (a tiny corpus' validation) is not written at all.
   """
-  splits = {"train": _SplitTexts(documents, False), "validation": _SplitTexts(documents, True)}
+  # tfds refuses to write an empty split: find which splits get a document
+  # (a real corpus has both within its first few dozen documents).
+  found = set()
+  for document in documents():
+    found.update(is_validation(piece) for piece in split_long_document(document))
+    if len(found) == 2:
+      break
+  if False not in found:
+    raise NoTextError(f"no text for the train split of dataset {name!r}.")
+  splits = {"train": _SplitTexts(documents, False)}
+  if True in found:
+    splits["validation"] = _SplitTexts(documents, True)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  tfds.disable_progress_bar()  # tqdm bars per split and shard drown our one progress line
   builder = _text_builder_class()(name=name, splits=splits, description=description, data_dir=data_dir)
   builder.download_and_prepare()
-  if builder.info.splits["train"].num_examples == 0:
-    shutil.rmtree(os.path.dirname(dataset_dir(data_dir, name)), ignore_errors=True)
-    raise ValueError(f"no text to write for dataset {name!r}.")
   return dataset_dir(data_dir, name)
 
 
@@ -430,8 +445,8 @@ def local_files_corpus(patterns: Iterable[str], cache_dir: str, text_key: str = 
         documents = lambda: itertools.chain.from_iterable(read_documents(path, text_key) for path in files)
         try:
           write_text_dataset(data_dir, name, documents, description=f"{len(files)} local files: {files[:3]} ...")
-        except ValueError as err:
-          raise ValueError(f"the files {list(patterns)} hold no text: set data.files to files with documents.") from err
+        except NoTextError as err:
+          raise NoTextError(f"the files {list(patterns)} hold no text: set data.files to files with documents.") from err
   return dataset_dir(data_dir, name)
 
 

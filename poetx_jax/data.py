@@ -129,7 +129,16 @@ def open_split(directory: str, split: str, *, setting: str = "data.train_split")
   builder = tfds.builder_from_directory(directory)
   available = sorted(builder.info.splits.keys())
   if split.split("[")[0] not in available:
-    raise ValueError(f"split {split!r} is not in {directory} (it has {available}): set {setting}.")
+    raise ValueError(
+        f"split {split!r} is not in {directory}, which has {available} (a split without documents is not"
+        f" stored): set {setting} to one of them."
+    )
+  try:
+    empty = builder.info.splits[split].num_examples == 0
+  except Exception as err:  # pylint: disable=broad-except  (a malformed slice)
+    raise ValueError(f"cannot select split {split!r} of {directory} ({err}): set {setting}.") from err
+  if empty:
+    raise ValueError(f"split {split!r} of {directory} is empty: set {setting} to a split with documents.")
   try:
     source = builder.as_data_source(split=split)
   except Exception as err:  # pylint: disable=broad-except  (tfds raises several types here)
@@ -137,8 +146,6 @@ def open_split(directory: str, split: str, *, setting: str = "data.train_split")
         f"cannot read split {split!r} of {directory} without TensorFlow ({type(err).__name__}: {err}):"
         " the dataset must be prepared with file_format=array_record."
     ) from err
-  if len(source) == 0:
-    raise ValueError(f"split {split!r} of {directory} is empty: set {setting} to a split with documents.")
   return source
 
 
