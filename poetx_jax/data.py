@@ -206,10 +206,11 @@ def load_tokenizer(config: DataConfig) -> Tokenizer:
     directory = dataset_directory(config)
     path = tokenizer_path(config, directory)
     if not os.path.exists(path):
-      with corpus._exclusive(path + ".lock"):  # pylint: disable=protected-access
+      cache_dir = os.path.abspath(os.path.expanduser(config.cache_dir))
+      with corpus.exclusive(os.path.join(cache_dir, "locks", os.path.basename(path))):
         if not os.path.exists(path):
           source = open_split(directory, config.train_split)
-          corpus._progress(f"training a {config.vocab_size}-piece {TOKENIZER_TYPE} tokenizer on {directory} (once) into {path}")  # pylint: disable=protected-access
+          corpus.progress(f"training a {config.vocab_size}-piece {TOKENIZER_TYPE} tokenizer on {directory} (once) into {path}")
           tokenizer_lib.train(_training_lines(source, config.text_key), path, vocab_size=config.vocab_size, model_type=TOKENIZER_TYPE)
     tokenizer = tokenizer_lib.load(path)
   if config.add_eos and tokenizer.eos_id < 0:
