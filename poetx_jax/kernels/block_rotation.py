@@ -58,7 +58,7 @@ def _kernel(*refs, block, tokens_total, tiles, transpose, gather, scatter):
       m = tb.load(g_ref.at[r, rows[:, None], inner[None, :]])
     else:  # M_r = G_rᵀ: M[c, b] = G[r, b, c]
       m = tb.load(g_ref.at[r, inner[:, None], rows[None, :]]).T
-    return acc + tb.dot(m.astype(a.dtype), a)
+    return acc + tb.dot(m, a)
 
   acc = jax.lax.fori_loop(0, block // tiles.depth, step, jnp.zeros((tiles.rows, tiles.tokens), jnp.float32))
   dest = r * block + rows
@@ -67,12 +67,14 @@ def _kernel(*refs, block, tokens_total, tiles, transpose, gather, scatter):
   tb.store(o_ref.at[dest[:, None], tokens[None, :]], acc.astype(o_ref.dtype), mask=token_mask)
 
 
-def _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret):
+def _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, tiles=None):
   num_blocks, block, _ = g_RxBxB.shape
   d, n = a_DxN.shape
   if d != num_blocks * block:
     raise ValueError(f"activations have {d} rows; {num_blocks} blocks of {block} need {num_blocks * block}.")
-  tiles = block_sizes.rotation_tiles(block, n)
+  tiles = tiles or block_sizes.rotation_tiles(block, n)
+  # Every token tile re-reads its block's G: cast once here (a few MB), not per tile.
+  g_RxBxB = g_RxBxB.astype(a_DxN.dtype)
   kernel = functools.partial(
       _kernel, block=block, tokens_total=n, tiles=tiles, transpose=transpose,
       gather=gather is not None, scatter=scatter is not None,

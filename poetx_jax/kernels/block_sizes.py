@@ -53,7 +53,17 @@ class CayleyTiles:
 
 
 def cayley_tiles(block_size: int) -> CayleyTiles:
-  """Tiles of the Cayley–Neumann kernels: 64 x 64 outputs (2 small matmuls per step, 4 warps)."""
+  """Tiles of the unpack / square / Neumann / ∇2 kernels.
+
+  128 x 128 float32 outputs over 8 warps (64 registers per thread) for large blocks:
+  fewer programs re-read fewer operand tiles; small blocks use one tile per block.
+  """
+  side = min(block_size, 128)
+  return CayleyTiles(side=side, depth=min(32, block_size), num_warps=8 if side >= 128 else 4)
+
+
+def cayley_pair_tiles(block_size: int) -> CayleyTiles:
+  """Tiles of the packed-gradient kernel, which holds two mirrored tiles at once: 64 x 64."""
   side = min(block_size, 64)
   return CayleyTiles(side=side, depth=min(32, block_size), num_warps=4)
 

@@ -2,12 +2,12 @@
 
     Q2 = Q·Q;   G = I + 2Q + 2Q2 + Q2·(2Q + Q2)         (= I + 2Q + 2Q² + 2Q³ + Q⁴)
 
-Skew blocks are never materialized: every tile of `Q` is read straight from the
-packed strict upper triangle (`q[r, slot(min(i,j), max(i,j))]` with the sign of
-`j - i`). Two kernels per direction:
+The first kernel unpacks `Q` from the strict upper triangle
+(`q[r, slot(min(i,j), max(i,j))]` with the sign of `j - i`) once, so the product
+kernels read plain contiguous tiles:
 
-* forward: `Q2` (one tiled product), then `G` (one tiled product plus an epilogue);
-* backward (SPEC §3, with `Qᵀ = −Q`, `Q2ᵀ = Q2`): `Q2` again, `∇2 = −(dG·Q + Q·dG)`,
+* forward: `Q`, `Q2` (one tiled product), then `G` (one tiled product plus an epilogue);
+* backward (SPEC §3, with `Qᵀ = −Q`, `Q2ᵀ = Q2`): `Q`, `Q2`, `∇2 = −(dG·Q + Q·dG)`,
   then `dQ = (∇2 + 2dG)·Q2 + (Q2 − 2Q)·∇2 + 2(dG + ∇2)`, where each program computes
   a pair of mirrored tiles `dQ[m, n]`, `dQ[n, m]` and writes `dq = dQ − dQᵀ`
   straight into the packed triangle.
@@ -49,14 +49,20 @@ def _tile_indices(tiles):
   return rows[:, None], cols[None, :]
 
 
+def _skew_kernel(q_ref, o_ref, *, block, tiles):
+  r = tb.program_id(0)
+  i, j = _tile_indices(tiles)
+  tb.store(o_ref.at[r, i, j], _skew_tile(q_ref, r, i, j, block))
+
+
 def _square_kernel(q_ref, o_ref, *, block, tiles, precision):
   r = tb.program_id(0)
   i, j = _tile_indices(tiles)
 
   def step(k, acc):
     inner = k * tiles.depth + jnp.arange(tiles.depth)
-    left = _skew_tile(q_ref, r, i, inner[None, :], block)
-    right = _skew_tile(q_ref, r, inner[:, None], j, block)
+    left = tb.load(q_ref.at[r, i, inner[None, :]])
+    right = tb.load(q_ref.at[r, inner[:, None], j])
     return acc + tb.dot(left, right, precision)
 
   acc = jax.lax.fori_loop(0, block // tiles.depth, step, jnp.zeros((tiles.side, tiles.side), jnp.float32))
@@ -70,11 +76,11 @@ def _neumann_kernel(q_ref, q2_ref, o_ref, *, block, tiles, precision):
   def step(k, acc):
     inner = k * tiles.depth + jnp.arange(tiles.depth)
     q2_left = tb.load(q2_ref.at[r, i, inner[None, :]])
-    poly = 2.0 * _skew_tile(q_ref, r, inner[:, None], j, block) + tb.load(q2_ref.at[r, inner[:, None], j])
+    poly = 2.0 * tb.load(q_ref.at[r, inner[:, None], j]) + tb.load(q2_ref.at[r, inner[:, None], j])
     return acc + tb.dot(q2_left, poly, precision)
 
   acc = jax.lax.fori_loop(0, block // tiles.depth, step, jnp.zeros((tiles.side, tiles.side), jnp.float32))
-  g = acc + 2.0 * (_skew_tile(q_ref, r, i, j, block) + tb.load(q2_ref.at[r, i, j])) + jnp.where(i == j, 1.0, 0.0)
+  g = acc + 2.0 * (tb.load(q_ref.at[r, i, j]) + tb.load(q2_ref.at[r, i, j])) + jnp.where(i == j, 1.0, 0.0)
   tb.store(o_ref.at[r, i, j], g)
 
 
@@ -86,8 +92,8 @@ def _grad2_kernel(q_ref, dg_ref, o_ref, *, block, tiles, precision):
   def step(k, acc):
     inner = k * tiles.depth + jnp.arange(tiles.depth)
     dg_left = tb.load(dg_ref.at[r, i, inner[None, :]])
-    q_right = _skew_tile(q_ref, r, inner[:, None], j, block)
-    q_left = _skew_tile(q_ref, r, i, inner[None, :], block)
+    q_right = tb.load(q_ref.at[r, inner[:, None], j])
+    q_left = tb.load(q_ref.at[r, i, inner[None, :]])
     dg_right = tb.load(dg_ref.at[r, inner[:, None], j])
     return acc + tb.dot(dg_left, q_right, precision) + tb.dot(q_left, dg_right, precision)
 
@@ -102,7 +108,7 @@ def _dq_tile(q_ref, dg_ref, q2_ref, g2_ref, r, i, j, block, tiles, precision):
     inner = k * tiles.depth + jnp.arange(tiles.depth)
     row_k, col_k = inner[None, :], inner[:, None]
     left1 = tb.load(g2_ref.at[r, i, row_k]) + 2.0 * tb.load(dg_ref.at[r, i, row_k])
-    left2 = tb.load(q2_ref.at[r, i, row_k]) - 2.0 * _skew_tile(q_ref, r, i, row_k, block)
+    left2 = tb.load(q2_ref.at[r, i, row_k]) - 2.0 * tb.load(q_ref.at[r, i, row_k])
     acc = acc + tb.dot(left1, tb.load(q2_ref.at[r, col_k, j]), precision)
     return acc + tb.dot(left2, tb.load(g2_ref.at[r, col_k, j]), precision)
 
@@ -111,6 +117,7 @@ def _dq_tile(q_ref, dg_ref, q2_ref, g2_ref, r, i, j, block, tiles, precision):
 
 
 def _dq_kernel(pair_rows_ref, pair_cols_ref, q_ref, dg_ref, q2_ref, g2_ref, o_ref, *, block, tiles, precision):
+  # q_ref holds the dense Q here.
   r, pair = tb.program_id(0), tb.program_id(1)
   m, n = tb.load(pair_rows_ref.at[pair]), tb.load(pair_cols_ref.at[pair])
   span = jnp.arange(tiles.side)
@@ -130,35 +137,38 @@ def _call(kernel, out_shape, grid, tiles, name, interpret, *args):
   )(*args)
 
 
-def _square(q_RxE, block, tiles, precision, interpret):
+def _square_blocks(fn, name, q_RxE, block, tiles, interpret, *args):
+  """Launches a kernel with one program per `side x side` tile of each `B x B` block."""
   num_blocks, side = q_RxE.shape[0], block // tiles.side
   out = jax.ShapeDtypeStruct((num_blocks, block, block), jnp.float32)
-  kernel = functools.partial(_square_kernel, block=block, tiles=tiles, precision=precision)
-  return _call(kernel, out, (num_blocks, side, side), tiles, "poetx_cayley_square", interpret, q_RxE)
+  return _call(functools.partial(fn, block=block, tiles=tiles), out, (num_blocks, side, side), tiles, name, interpret, *args)
+
+
+def _dense_skew_and_square(q_RxE, block, precision, interpret):
+  tiles = block_sizes.cayley_tiles(block)
+  q = _square_blocks(_skew_kernel, "poetx_cayley_skew", q_RxE, block, tiles, interpret, q_RxE)
+  square = functools.partial(_square_kernel, precision=precision)
+  return tiles, q, _square_blocks(square, "poetx_cayley_square", q_RxE, block, tiles, interpret, q)
 
 
 def _forward(q_RxE, block, precision, interpret):
-  tiles = block_sizes.cayley_tiles(block)
-  num_blocks, side = q_RxE.shape[0], block // tiles.side
-  q2 = _square(q_RxE, block, tiles, precision, interpret)
-  out = jax.ShapeDtypeStruct((num_blocks, block, block), jnp.float32)
-  kernel = functools.partial(_neumann_kernel, block=block, tiles=tiles, precision=precision)
-  return _call(kernel, out, (num_blocks, side, side), tiles, "poetx_cayley_neumann", interpret, q_RxE, q2)
+  tiles, q, q2 = _dense_skew_and_square(q_RxE, block, precision, interpret)
+  neumann = functools.partial(_neumann_kernel, precision=precision)
+  return _square_blocks(neumann, "poetx_cayley_neumann", q_RxE, block, tiles, interpret, q, q2)
 
 
 def _backward(q_RxE, dg_RxBxB, block, precision, interpret):
-  tiles = block_sizes.cayley_tiles(block)
-  num_blocks, side = q_RxE.shape[0], block // tiles.side
-  q2 = _square(q_RxE, block, tiles, precision, interpret)
-  out = jax.ShapeDtypeStruct((num_blocks, block, block), jnp.float32)
-  kernel = functools.partial(_grad2_kernel, block=block, tiles=tiles, precision=precision)
-  g2 = _call(kernel, out, (num_blocks, side, side), tiles, "poetx_cayley_grad2", interpret, q_RxE, dg_RxBxB)
+  tiles, q, q2 = _dense_skew_and_square(q_RxE, block, precision, interpret)
+  grad2 = functools.partial(_grad2_kernel, precision=precision)
+  g2 = _square_blocks(grad2, "poetx_cayley_grad2", q_RxE, block, tiles, interpret, q, dg_RxBxB)
+  pair_tiles = block_sizes.cayley_pair_tiles(block)
+  side = block // pair_tiles.side
   pair_rows, pair_cols = (jnp.asarray(a, jnp.int32) for a in np.triu_indices(side))
-  kernel = functools.partial(_dq_kernel, block=block, tiles=tiles, precision=precision)
-  out = jax.ShapeDtypeStruct((num_blocks, q_RxE.shape[1] + 1), jnp.float32)
+  kernel = functools.partial(_dq_kernel, block=block, tiles=pair_tiles, precision=precision)
+  out = jax.ShapeDtypeStruct((q_RxE.shape[0], q_RxE.shape[1] + 1), jnp.float32)
   dq_padded = _call(
-      kernel, out, (num_blocks, pair_rows.shape[0]), tiles, "poetx_cayley_dq", interpret,
-      pair_rows, pair_cols, q_RxE, dg_RxBxB, q2, g2,
+      kernel, out, (q_RxE.shape[0], pair_rows.shape[0]), pair_tiles, "poetx_cayley_dq", interpret,
+      pair_rows, pair_cols, q, dg_RxBxB, q2, g2,
   )
   return dq_padded[:, :-1]
 
