@@ -13,6 +13,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from poetx_jax import data, train_config, trainer
@@ -29,6 +30,7 @@ def _setup_logging() -> None:
   logger.addHandler(handler)
   logger.setLevel(logging.INFO)
   logger.propagate = False
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain log every file operation at INFO
 
 
 def main(argv):

@@ -74,6 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_batch_size = 0  # rows per validation batch (0: global_batch_size)
   c.train.checkpoint_every = 200  # save every N steps (and at the end)
   c.train.keep_checkpoints = 3  # keep the newest K checkpoints
+  c.train.spectrum_every = 0  # log the largest singular value of spectrum_layers every N steps (0: off)
+  c.train.spectrum_layers = "blocks_0/attention/q_proj,blocks_0/mlp/down_proj"  # comma-separated layer paths
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis (-1: the remaining devices)

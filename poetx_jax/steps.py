@@ -68,6 +68,7 @@ def make_train_step(
     poet: POETConfig | None,
     grad_accum_steps: int = 1,
     log_every: int = 1,
+    total_steps: int | None = None,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """`train_step(state, batch) -> (state, metrics)`: loss, grads, update, and the merge.
 
@@ -78,7 +79,9 @@ def make_train_step(
     poet: the POETConfig when the model is wrapped (merges run inside the step), else None.
     grad_accum_steps: microbatches per step, accumulated in float32.
     log_every: the step also reports the blocks' orthogonality error (before any
-      merge) when the step it completes is a multiple of this; 0 elsewhere.
+      merge) when the step it completes is a multiple of this or `total_steps`;
+      0 elsewhere (the loop logs exactly those steps).
+    total_steps: the run's last step.
   """
   grad_fn = jax.value_and_grad(lambda p, f, b: token_loss(model, p, f, b), has_aux=True)
 
@@ -114,8 +117,9 @@ def make_train_step(
         "tokens": tokens,
     }
     if poet is not None:
+      logged = (step % log_every == 0) | (step == (total_steps or -1))
       metrics["ortho_error"] = jax.lax.cond(
-          step % log_every == 0,
+          logged,
           lambda: orthogonality_metric(params, frozen),
           lambda: jnp.zeros((), jnp.float32),
       )
@@ -141,3 +145,17 @@ def make_eval_step(model: nn.Module):
 def orthogonality_metric(params, frozen) -> jax.Array:
   """The largest Frobenius `‖GGᵀ − I‖` over all wrapped layers (cheap enough to log)."""
   return spectrum.max_orthogonality_error({"params": params, **frozen}, norm="fro")
+
+
+def largest_singular_values(params, frozen, paths: tuple[str, ...]) -> dict[str, jax.Array]:
+  """σ_max of the (effective, for POET-X) kernels at `paths`: the spectrum the method holds fixed."""
+  if frozen.get("poet"):
+    return {p: s[0] for p, s in spectrum.singular_values({"params": params, **frozen}, paths=paths).items()}
+  out = {}
+  for path in paths:
+    node = params
+    for name in path.split("/"):
+      node = node[name]
+    kernel = node["kernel"].astype(jnp.float32)
+    out[path] = jnp.linalg.svd(kernel.reshape(-1, kernel.shape[-1]), compute_uv=False)[0]
+  return out

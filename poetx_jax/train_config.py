@@ -52,6 +52,8 @@ class RunConfig:
   eval_batch_size: int = 0
   checkpoint_every: int = 200
   keep_checkpoints: int = 3
+  spectrum_every: int = 0
+  spectrum_layers: str = "blocks_0/attention/q_proj,blocks_0/mlp/down_proj"
 
   def __post_init__(self):
     if self.steps <= 0:

@@ -7,6 +7,7 @@ waits on the device except at checkpoints, evaluations and the end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -46,6 +47,7 @@ class Run:
   init_fn: Any
   train_step: Any
   eval_step: Any
+  spectrum_fn: Any
 
 
 def build(config: TrainConfig) -> Run:
@@ -73,6 +75,7 @@ def build(config: TrainConfig) -> Run:
       poet=config.poet if is_poet else None,
       grad_accum_steps=config.train.grad_accum_steps,
       log_every=config.train.log_every,
+      total_steps=config.train.steps,
   )
   return Run(
       config=config,
@@ -90,6 +93,9 @@ def build(config: TrainConfig) -> Run:
           steps.make_eval_step(model),
           in_shardings=(state_shardings.params, state_shardings.frozen, batch_sharding),
           out_shardings=(replicated, replicated),
+      ),
+      spectrum_fn=jax.jit(
+          functools.partial(steps.largest_singular_values, paths=tuple(p for p in config.train.spectrum_layers.split(",") if p))
       ),
   )
 
@@ -130,8 +136,16 @@ def restore_or_init(run: Run, checkpointer: checkpointing.Checkpointer, data_ite
   return step, state
 
 
-def train(config: TrainConfig, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) in `workdir`; returns the final evaluation."""
+def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = None) -> dict[str, float] | None:
+  """Trains (or resumes) in `workdir`; returns the final evaluation.
+
+  Args:
+    config: the run.
+    workdir: checkpoints, metrics.jsonl and tensorboard go here; a run resumes
+      from its newest readable checkpoint.
+    stop_after_step: stop (after checkpointing) once this step is done, as a
+      preemption would; re-running resumes. Returns None then.
+  """
   run = build(config)
   total = config.train.steps
   iterator = data.train_iterator(
@@ -198,8 +212,18 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
         if due_eval or due_save:
           read(pending)  # never save or evaluate a state whose loss is unread
           pending = None
-        if due_save:
+        stopping = stop_after_step is not None and step_done >= stop_after_step and step_done < total
+        if stopping and pending is not None:
+          read(pending)
+          pending = None
+        if due_save or stopping:
           checkpointer.save(step_done, state, iterator, force=True)
+        if stopping:
+          logger.info("stopping after step %d as asked; re-run to resume", step_done)
+          return None
+        if config.train.spectrum_every and (step_done % config.train.spectrum_every == 0 or step == start):
+          sigmas = jax.device_get(run.spectrum_fn(state.params, state.frozen))
+          log.write(step_done, {f"sigma_max/{k}": float(v) for k, v in sigmas.items()}, kind="spectrum")
         if due_eval or step_done == total:
           last_eval = evaluate.evaluate(run.eval_step, state.params, state.frozen, _eval_batches(config), run.batch_sharding)
           log.write(step_done, last_eval, kind="eval")
@@ -212,6 +236,9 @@ def train(config: TrainConfig, workdir: str) -> dict[str, float]:
   finally:
     checkpointer.close()
     log.close()
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
   return last_eval
 
 

@@ -1,0 +1,115 @@
+"""The training system end to end on the CPU (8 fake devices) with a small text fixture."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import base
+from poetx_jax import data, sharding, train_config, trainer
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  """The fixture texts converted and a 300-piece tokenizer trained once for the module."""
+  root = tmp_path_factory.mktemp("trainer_data")
+  for name in ("harbour_town.txt", "village_days.jsonl"):
+    shutil.copy(os.path.join(FIXTURES, name), root / name)
+  return str(root)
+
+
+def _config(cache_dir, *, optimizer="poetx", steps=24, **overrides):
+  c = base.get_config()
+  c.model.size = None
+  c.model.update(hidden=128, ffn=256, heads=2, layers=1, vocab_size=0)
+  c.data.update(files=f"{cache_dir}/*.txt,{cache_dir}/*.jsonl", cache_dir=f"{cache_dir}/cache", vocab_size=300,
+                seq_len=32, eval_split="train")
+  c.poet.update(block_size=16, merge_interval=8)
+  c.optimizer.update(name=optimizer, lr=3e-3, poet_lr=2e-2, warmup_steps=4, clip_norm=1.0)
+  c.train.update(steps=steps, global_batch_size=8, log_every=1, eval_every=0, eval_batches=2, checkpoint_every=8)
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    c[section][field] = value
+  tokenizer = data.load_tokenizer(train_config.data_config(c))
+  return train_config.from_config_dict(c, vocab_size=train_config.padded_vocab(tokenizer.vocab_size))
+
+
+def _records(workdir, kind="train"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+@pytest.mark.parametrize("optimizer", ["poetx", "adamw"])
+def test_tiny_trains_and_merges_at_the_configured_steps(cache_dir, tmp_path, optimizer):
+  config = _config(cache_dir, optimizer=optimizer, steps=32, train__spectrum_every=8)
+  result = trainer.train(config, str(tmp_path))
+  losses = [r["loss"] for r in _records(tmp_path)]
+  assert len(losses) == 32
+  assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.5, losses
+  assert result["val_ppl"] > 1 and np.isfinite(result["val_loss"])
+  sigmas = [r["sigma_max/blocks_0/mlp/down_proj"] for r in _records(tmp_path, "spectrum")]
+  assert len(sigmas) == 5  # after step 1, then every 8 steps
+  drift = (max(sigmas) - min(sigmas)) / sigmas[0]
+  if optimizer == "poetx":
+    merged = [r["step"] for r in _records(tmp_path) if r["merged"]]
+    assert merged == [8, 16, 24, 32]
+    assert all(r["ortho_error"] >= 0 for r in _records(tmp_path))
+    assert drift < 1e-2, sigmas  # orthogonal factors hold the spectrum (up to the Neumann truncation)
+  else:
+    assert drift > 1e-2, sigmas  # AdamW moves it
+
+
+def test_kill_and_resume_reproduces_every_loss(cache_dir, tmp_path):
+  config = _config(cache_dir, steps=24)
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  trainer.train(config, str(straight))
+  assert trainer.train(config, str(resumed), stop_after_step=12) is None  # preempted after a checkpoint
+  trainer.train(config, str(resumed))
+  first = {r["step"]: r["loss"] for r in _records(straight)}
+  second = {r["step"]: r["loss"] for r in _records(resumed)}
+  assert sorted(second) == list(range(1, 25))
+  assert first == second  # same data order, same merges, bit-identical losses
+
+
+def test_eval_from_checkpoint_equals_eval_in_training(cache_dir, tmp_path):
+  config = _config(cache_dir, steps=16)
+  during = trainer.train(config, str(tmp_path))
+  restored = trainer.evaluate_checkpoint(config, str(tmp_path))
+  assert restored["val_loss"] == pytest.approx(during["val_loss"], rel=1e-6)
+  assert _records(tmp_path, "eval_restored")[-1]["val_ppl"] == pytest.approx(during["val_ppl"], rel=1e-6)
+
+
+def test_state_shardings_on_a_2x4_mesh(cache_dir):
+  config = _config(cache_dir, mesh__data=2, mesh__fsdp=4)
+  run = trainer.build(config)
+  state = run.init_fn()
+  assert dict(run.mesh.shape) == {"data": 2, "fsdp": 4}
+  embedding = state.params["embed"]["embedding"]
+  assert embedding.sharding.spec == jax.sharding.PartitionSpec(sharding.FSDP, None)
+  base_kernel = state.frozen["poet"]["blocks_0"]["mlp"]["up_proj"]["base_kernel"]  # (128, 256)
+  assert base_kernel.sharding.spec == jax.sharding.PartitionSpec(None, sharding.FSDP)
+  assert len(base_kernel.addressable_shards) == 8 and base_kernel.addressable_shards[0].data.shape == (128, 64)
+  q = state.params["blocks_0"]["mlp"]["up_proj"]["q_in"]  # small: replicated
+  assert q.sharding.spec == jax.sharding.PartitionSpec()
+  moments = jax.tree_util.tree_leaves(state.opt_state)
+  sharded = [m for m in moments if getattr(m, "ndim", 0) == 2 and m.shape == embedding.shape]
+  assert sharded and all(m.sharding.spec == embedding.sharding.spec for m in sharded)
+
+
+def test_bad_inputs_give_clear_errors(cache_dir, tmp_path):
+  with pytest.raises(ValueError, match="optimizer.name must be one of"):
+    _config(cache_dir, optimizer__name="sgd")
+  with pytest.raises(ValueError, match="block_size=48 does not divide"):
+    trainer.build(_config(cache_dir, poet__block_size=48))
+  with pytest.raises(ValueError, match="tfds_dir|tfds_name|data"):
+    bad = base.get_config()
+    bad.data.update(tfds_name="c4/en:3.1.0", tfds_dir=str(tmp_path / "missing"))
+    data.load_tokenizer(train_config.data_config(bad))
+  with pytest.raises(ValueError, match="unknown train setting"):
+    c = base.get_config()
+    train_config.from_config_dict({**c.to_dict(), "train": {**c.train.to_dict(), "stepz": 3}})
