@@ -92,7 +92,7 @@ def collect(spec: dict, args, wall_s: float) -> dict:
   }
 
 
-def run_all(specs, args) -> list[dict]:
+def run_all(specs, args, on_result=None) -> list[dict]:
   pending, running, results = list(specs), {}, []
   os.makedirs(args.workdir, exist_ok=True)
   while pending or running:
@@ -110,6 +110,8 @@ def run_all(specs, args) -> list[dict]:
       result["returncode"] = proc.returncode
       results.append(result)
       print(f"finished {spec['name']}: rc {proc.returncode}, val ppl {result['final_val_ppl']}", flush=True)
+      if on_result is not None:  # a long grid must not lose finished runs to a time limit
+        on_result(sorted(results, key=lambda r: r["name"]))
   return sorted(results, key=lambda r: r["name"])
 
 
@@ -183,11 +185,16 @@ def main(argv=None):
   parser.add_argument("--override", action="append", default=[], help="extra config override a.b=v (repeatable)")
   args = parser.parse_args(argv)
   args.argv = argv
-  results = run_all(run_specs(args), args)
-  summary = summarize(results, args)
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "quality.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+
+  def write(results):
+    summary = summarize(results, args)
+    with open(os.path.join(args.out, "quality.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+    return summary
+
+  results = run_all(run_specs(args), args, on_result=write)
+  summary = write(results)
   plot(summary, args.out)
   print(json.dumps({m: summary[m] for m in ("poetx", "adamw")}, indent=1))
   print(f"{'run':<34} {'val ppl':>9} {'tokens':>10} {'wall s':>7} {'tok/s':>9}")
