@@ -63,11 +63,16 @@ def command(spec: dict, args) -> list[str]:
 
 
 def _records(workdir: str) -> list[dict]:
+  """The run's records, the newest per (kind, step): a resumed or restarted run re-logs steps."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
+  newest = {}
   with open(path) as f:
-    return [json.loads(line) for line in f]
+    for line in f:
+      record = json.loads(line)
+      newest[(record["kind"], record["step"])] = record
+  return sorted(newest.values(), key=lambda r: r["step"])
 
 
 def collect(spec: dict, args, wall_s: float) -> dict:
@@ -183,6 +188,7 @@ def main(argv=None):
   parser.add_argument("--poetx_grid", default=None, help="base:poet pairs, e.g. 3e-3:1e-3,1e-2:2e-3")
   parser.add_argument("--adamw_grid", default=None, help="e.g. 1e-3,3e-3")
   parser.add_argument("--override", action="append", default=[], help="extra config override a.b=v (repeatable)")
+  parser.add_argument("--collect_only", action="store_true", help="summarize runs already in --workdir, train nothing")
   args = parser.parse_args(argv)
   args.argv = argv
   os.makedirs(args.out, exist_ok=True)
@@ -193,13 +199,17 @@ def main(argv=None):
       json.dump(summary, f, indent=1)
     return summary
 
-  results = run_all(run_specs(args), args, on_result=write)
+  if args.collect_only:
+    results = [collect(spec, args, wall_s=None) for spec in run_specs(args)]
+  else:
+    results = run_all(run_specs(args), args, on_result=write)
   summary = write(results)
   plot(summary, args.out)
   print(json.dumps({m: summary[m] for m in ("poetx", "adamw")}, indent=1))
   print(f"{'run':<34} {'val ppl':>9} {'tokens':>10} {'wall s':>7} {'tok/s':>9}")
   for r in results:
-    print(f"{r['name']:<34} {r['final_val_ppl'] or float('nan'):9.2f} {r['tokens']:10d} {r['wall_s']:7.1f} {r['tokens_per_sec_median']:9.0f}")
+    wall = f"{r['wall_s']:7.1f}" if r["wall_s"] is not None else "      -"
+    print(f"{r['name']:<34} {r['final_val_ppl'] or float('nan'):9.2f} {r['tokens']:10d} {wall} {r['tokens_per_sec_median']:9.0f}")
   return summary
 
 

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import time
 from typing import Any
 
 import jax
@@ -85,6 +86,15 @@ class MetricsLogger:
       self._bar.close()
     if self._writer is not None:
       self._writer.close()
+
+
+def set_aside_stale(workdir: str) -> None:
+  """Renames a metrics.jsonl left by a run that saved no checkpoint: a fresh run starts a fresh log."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() == 0 and os.path.exists(path):
+    stale = f"{path}.stale-{int(time.time())}"
+    os.rename(path, stale)
+    logger.warning("no checkpoint in %s: starting from step 0; the old metrics.jsonl is kept as %s", workdir, stale)
 
 
 def _jsonable(record: dict[str, Any]) -> dict[str, Any]:

@@ -158,6 +158,8 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
       os.path.join(workdir, "checkpoints"), every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
   )
   start, state = restore_or_init(run, checkpointer, iterator)
+  if start == 0:
+    metrics.set_aside_stale(workdir)
   tokens_per_step = config.train.global_batch_size * config.data.seq_len
   flops_per_step = llama.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
   devices = run.mesh.devices.size
