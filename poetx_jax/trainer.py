@@ -50,13 +50,18 @@ class Run:
   spectrum_fn: Any
 
 
-def build(config: TrainConfig) -> Run:
-  """Builds the model (wrapped for POET-X), optimizer, mesh and jitted functions."""
+def build(config: TrainConfig, devices=None) -> Run:
+  """Builds the model (wrapped for POET-X), optimizer, mesh and jitted functions.
+
+  Args:
+    config: the run.
+    devices: the devices of the mesh (default: all); scaling studies pass subsets.
+  """
   base_model = llama.Llama(config.model)
   is_poet = config.optimizer.name == "poetx"
   model = wrap(base_model, config.poet) if is_poet else base_model
   tx, schedule = recipes.make_optimizer(config.optimizer, config.poet, config.train.steps)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   devices = mesh.devices.size
   if config.train.global_batch_size % devices:
     raise ValueError(f"train.global_batch_size={config.train.global_batch_size} must be divisible by the {devices} devices.")
