@@ -3,10 +3,12 @@
 A backend bundles the Cayley–Neumann map and the three data-path primitives of
 `rotation.py`. `"xla"` is plain jnp and runs anywhere; `"pallas"` is the Triton
 kernels of `poetx_jax.kernels` (GPU, or interpreted on any backend); None picks
-by measurement (benchmarks/results/layer_h100.json, H100, N = 2048, bf16): Pallas
-on a GPU for blocks up to 256, where its fused gathers beat XLA (fast variant
-1.62 vs 1.89 ms at 4096x14336, 0.76 vs 0.87 ms at 4096x4096), and XLA for larger
-blocks and off-GPU, where the Pallas kernels are slower (2.82 vs 2.57 ms at b = 512).
+by measurement on the H100 (bf16): Pallas on a GPU for blocks up to 256 on layers at
+least 4096 wide on both sides, where its fused gathers beat XLA (fast variant 1.62 vs
+1.89 ms at 4096x14336, 0.76 vs 0.87 ms at 4096x4096, N = 2048;
+benchmarks/results/layer_h100.json); XLA otherwise: for larger blocks (2.82 vs 2.57 ms
+at b = 512), for narrow layers (a llama60m train step, widths 512 and 1280: 48.1 vs
+38.3 ms; benchmarks/results/raw/run8_compile_time.txt) and off-GPU.
 """
 
 from __future__ import annotations
@@ -55,25 +57,32 @@ def _pallas_backend(interpret: bool) -> Backend:
   return pallas_backend.make_backend(interpret=interpret)
 
 
-# Largest block for which None picks Pallas on a GPU (see the module docstring).
+# Where None picks Pallas on a GPU (see the module docstring): blocks up to this size ...
 PALLAS_MAX_AUTO_BLOCK = 256
+# ... on layers whose narrower side has at least this many features.
+PALLAS_MIN_AUTO_FEATURES = 4096
 
 
-def resolve(implementation: str | None, *, interpret: bool = False, block_size: int | None = None) -> Backend:
+def resolve(
+    implementation: str | None, *, interpret: bool = False, block_size: int | None = None, features: int | None = None
+) -> Backend:
   """The backend for an `implementation` setting.
 
   Args:
     implementation: "xla", "pallas" or None (by measurement: Pallas on a GPU for
-      blocks up to 256, XLA otherwise).
+      blocks up to 256 on layers at least 4096 wide, XLA otherwise).
     interpret: run the Pallas kernels in the Pallas interpreter (any backend, slow).
     block_size: the layer's block size, for the choice None makes.
+    features: the narrower of the layer's two widths, for the choice None makes.
 
   Raises:
     ValueError: for an unknown implementation, or "pallas" off-GPU without `interpret`.
   """
   if implementation is None:
-    small_block = block_size is None or block_size <= PALLAS_MAX_AUTO_BLOCK
-    implementation = "pallas" if interpret or (_on_gpu() and small_block) else "xla"
+    fits = (block_size is None or block_size <= PALLAS_MAX_AUTO_BLOCK) and (
+        features is None or features >= PALLAS_MIN_AUTO_FEATURES
+    )
+    implementation = "pallas" if interpret or (_on_gpu() and fits) else "xla"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.")
   if implementation == "xla":

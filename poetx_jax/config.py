@@ -27,7 +27,7 @@ class POETConfig:
     seed: seed of the permutations; with the merge index and the layer path it keys
       every draw, so replicas merge identically.
     implementation: "xla", "pallas", or None (Pallas on a GPU for block sizes up to
-      256, where it measured faster; XLA otherwise).
+      256 on layers at least 4096 wide, where it measured faster; XLA otherwise).
     pallas_interpret: run the Pallas kernels in the interpreter (tests, CPU).
     skip_indivisible: train targeted layers whose dimensions `block_size` does not
       divide as plain dense layers (each one logged) instead of raising.

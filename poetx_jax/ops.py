@@ -119,7 +119,9 @@ def poet_linear(
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
   check_shapes(x_NI.shape, base_kernel_IxO.shape, q_in_RxE.shape, q_out_RxE.shape, block_size)
-  backend = backends.resolve(implementation, interpret=interpret, block_size=block_size)
+  backend = backends.resolve(
+      implementation, interpret=interpret, block_size=block_size, features=min(base_kernel_IxO.shape)
+  )
   # DEFAULT precision (TF32 on GPUs) only rounds the Q² terms of G; merges use HIGHEST.
   g_in = backend.cayley_neumann(q_in_RxE, block_size, neumann_terms, jax.lax.Precision.DEFAULT)
   g_out = backend.cayley_neumann(q_out_RxE, block_size, neumann_terms, jax.lax.Precision.DEFAULT)

@@ -1,0 +1,71 @@
+"""How long the train step takes to compile, and then to run, per model and implementation.
+
+  python -m benchmarks.compile_time --models 60m,1b --implementations pallas,xla
+
+Synthetic tokens; prints one row per (model, implementation): compile seconds,
+median step seconds, tokens/s and the compiled memory estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from configs import base
+from poetx_jax import sharding, train_config, trainer
+
+
+def measure(model: str, implementation: str, batch: int, seq_len: int, steps: int, method: str) -> dict:
+  c = base.get_config()
+  c.model.size = model
+  c.model.vocab_size = 32000
+  c.model.dtype = "bfloat16"
+  c.data.seq_len = seq_len
+  c.optimizer.name = method
+  c.poet.implementation = implementation
+  c.train.steps = 1000
+  c.train.global_batch_size = batch
+  config = train_config.from_config_dict(c)
+  run = trainer.build(config)
+  state = run.init_fn()
+  tokens = np.random.default_rng(0).integers(0, 32000, (batch, seq_len + 1), dtype=np.int32)
+  data = sharding.device_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((batch, seq_len), np.int32)},
+                               run.batch_sharding)
+  start = time.perf_counter()
+  compiled = run.train_step.lower(state, data).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  step_s = statistics.median(times[1:] or times)
+  return {"model": model, "method": method, "implementation": implementation, "compile_s": compile_s, "step_s": step_s,
+          "tokens_per_sec": batch * seq_len / step_s, "temp_gib": memory.temp_size_in_bytes / 2**30 if memory else None}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--models", default="60m")
+  parser.add_argument("--implementations", default="pallas,xla")
+  parser.add_argument("--method", default="poetx")
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--seq_len", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=6)
+  args = parser.parse_args(argv)
+  print(f"device: {jax.devices()[0].device_kind}", flush=True)
+  for model in args.models.split(","):
+    for implementation in args.implementations.split(","):
+      r = measure(model, implementation, args.batch, args.seq_len, args.steps, args.method)
+      print(f"{model:>5} {r['method']} {implementation:<7} compile {r['compile_s']:7.1f} s  step {r['step_s'] * 1e3:8.1f} ms"
+            f"  {r['tokens_per_sec']:9.0f} tokens/s  temp {r['temp_gib']:.2f} GiB", flush=True)
+
+
+if __name__ == "__main__":
+  main()
