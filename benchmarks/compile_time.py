@@ -13,10 +13,10 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
 from configs import base
-from poetx_jax import sharding, train_config, trainer
+from benchmarks import synthetic
+from poetx_jax import train_config, trainer
 
 
 def measure(model: str, implementation: str, batch: int, seq_len: int, steps: int, method: str) -> dict:
@@ -32,9 +32,7 @@ def measure(model: str, implementation: str, batch: int, seq_len: int, steps: in
   config = train_config.from_config_dict(c)
   run = trainer.build(config)
   state = run.init_fn()
-  tokens = np.random.default_rng(0).integers(0, 32000, (batch, seq_len + 1), dtype=np.int32)
-  data = sharding.device_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((batch, seq_len), np.int32)},
-                               run.batch_sharding)
+  data = synthetic.token_batch(run, batch, seq_len, config.model.vocab_size)
   start = time.perf_counter()
   compiled = run.train_step.lower(state, data).compile()
   compile_s = time.perf_counter() - start

@@ -23,7 +23,8 @@ import jax
 import numpy as np
 
 from configs import base
-from poetx_jax import sharding, train_config, trainer
+from benchmarks import synthetic
+from poetx_jax import train_config, trainer
 
 
 def _config(args, method: str, devices: int):
@@ -59,13 +60,8 @@ def measure(args, method: str, devices: int) -> dict:
   config = _config(args, method, devices)
   run = trainer.build(config, devices=jax.devices()[:devices])
   state = run.init_fn()
-  rng = np.random.default_rng(0)
   rows = config.train.global_batch_size
-  tokens = rng.integers(0, config.model.vocab_size, (rows, args.seq_len + 1), dtype=np.int32)
-  batch = sharding.device_batch(
-      {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((rows, args.seq_len), np.int32)},
-      run.batch_sharding,
-  )
+  batch = synthetic.token_batch(run, rows, args.seq_len, config.model.vocab_size)
   compiled = run.train_step.lower(state, batch).compile()
   identical = None
   for _ in range(args.merge_interval):  # reaches the first merge: step == merge_interval

@@ -41,7 +41,6 @@ import re
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 import zipfile

@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import os
 import re
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import grain
 import numpy as np

@@ -37,27 +37,6 @@ def invert(perm_D: jax.Array) -> jax.Array:
   return jnp.zeros_like(perm_D).at[perm_D].set(jnp.arange(perm_D.shape[0], dtype=perm_D.dtype))
 
 
-@jax.custom_vjp
-def permute(x_ND: jax.Array, perm_D: jax.Array, perm_inv_D: jax.Array) -> jax.Array:
-  """`x[..., perm]` whose backward is the gather by `perm_inv`, not a scatter-add.
-
-  Autodiff would transpose the gather into a scatter-add; for a permutation the
-  transpose is just the inverse gather, which is much cheaper on accelerators.
-  """
-  return jnp.take(x_ND, perm_D, axis=-1)
-
-
-def _permute_fwd(x_ND, perm_D, perm_inv_D):
-  return permute(x_ND, perm_D, perm_inv_D), perm_inv_D
-
-
-def _permute_bwd(perm_inv_D, g_ND):
-  return jnp.take(g_ND, perm_inv_D, axis=-1), None, None
-
-
-permute.defvjp(_permute_fwd, _permute_bwd)
-
-
 @functools.partial(jax.jit, static_argnums=(1,))
 def is_permutation(perm_D: jax.Array, size: int) -> jax.Array:
   """True when `perm_D` holds each of `0 .. size-1` exactly once."""

@@ -39,23 +39,6 @@ def rotate_blocks(x_ND: jax.Array, g_RxBxB: jax.Array, *, transpose: bool = Fals
   return y_NxRxB.astype(x_ND.dtype).reshape(x_ND.shape)
 
 
-def block_outer_sum(a_ND: jax.Array, g_ND: jax.Array, block_size: int) -> jax.Array:
-  """`dG[r] = Σ_tokens a_rᵀ g_r` per block: the cotangent of the blocks, in float32.
-
-  Args:
-    a_ND: `(..., D)` the rotation's input.
-    g_ND: `(..., D)` the cotangent of its output.
-    block_size: `B`.
-
-  Returns:
-    `(R, B, B)` float32.
-  """
-  d = a_ND.shape[-1]
-  a_NxRxB = a_ND.reshape(-1, d // block_size, block_size)
-  g_NxRxB = g_ND.reshape(-1, d // block_size, block_size)
-  return einsum_f32("nrb,nrc->rbc", a_NxRxB, g_NxRxB)
-
-
 def rotate_matrix_rows(k_IxO: jax.Array, g_RxBxB: jax.Array) -> jax.Array:
   """`BD(G) @ K` for `K` of shape `(I, O)`, `I = R·B` (float32, HIGHEST precision)."""
   num_blocks, block, _ = g_RxBxB.shape
