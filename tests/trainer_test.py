@@ -113,3 +113,36 @@ def test_bad_inputs_give_clear_errors(cache_dir, tmp_path):
   with pytest.raises(ValueError, match="unknown train setting"):
     c = base.get_config()
     train_config.from_config_dict({**c.to_dict(), "train": {**c.train.to_dict(), "stepz": 3}})
+
+
+def test_muon_trains(cache_dir, tmp_path):
+  trainer.train(_config(cache_dir, optimizer="muon", steps=16), str(tmp_path))
+  losses = [r["loss"] for r in _records(tmp_path)]
+  assert len(losses) == 16 and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+def test_gradient_accumulation_matches_one_big_batch(cache_dir, tmp_path):
+  one = _config(cache_dir, steps=6, train__global_batch_size=16)
+  two = _config(cache_dir, steps=6, train__global_batch_size=16, train__grad_accum_steps=2)
+  trainer.train(one, str(tmp_path / "one"))
+  trainer.train(two, str(tmp_path / "two"))
+  a = [r["loss"] for r in _records(tmp_path / "one")]
+  b = [r["loss"] for r in _records(tmp_path / "two")]
+  np.testing.assert_allclose(a, b, rtol=2e-5)  # same tokens, summed in another order
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(cache_dir, tmp_path, caplog):
+  config = _config(cache_dir, steps=16)
+  trainer.train(config, str(tmp_path), stop_after_step=16)
+  checkpoints = tmp_path / "checkpoints"
+  assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["16", "8"]
+  for path in (checkpoints / "16" / "state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"corrupt")
+  run = trainer.build(config)
+  checkpointer = trainer.checkpointing.Checkpointer(str(checkpoints), every=8, keep=3)
+  with caplog.at_level("ERROR", logger="poetx_jax"):
+    step, state = trainer.restore_or_init(run, checkpointer, None)
+  checkpointer.close()
+  assert step == 8 and int(state.step) == 8
+  assert "step 16" in caplog.text and "unreadable" in caplog.text
