@@ -45,7 +45,9 @@ XLA = Backend(
 
 
 def _on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
+  """The default backend is a GPU, or we are lowering for an abstract GPU (AOT, or lowering tests)."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return jax.default_backend() == "gpu" or getattr(device, "platform", None) == "gpu"
 
 
 @functools.lru_cache(maxsize=None)

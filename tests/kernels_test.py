@@ -148,3 +148,49 @@ def test_every_kernel_lowers_to_triton_for_an_h100(block):
     module = triton_backend.lower_for_h100(fn, *args)
     for name in names:
       assert f'name = "{name}"' in module, name
+
+
+def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_times():
+  """A wrapped two-layer model's jitted, rematerialized loss + gradient, lowered for an H100.
+
+  Per wrapped layer: the forward runs 2 rotations (gather, scatter) and, per side, the 3
+  Cayley–Neumann forward kernels (unpack, square, Neumann); the backward runs 2 more
+  rotations, 2 outer sums and, per side, 4 kernels (unpack, square, ∇2, packed dq).
+  Rematerialization (`jax.checkpoint`) re-runs the forward inside the backward, keeping
+  only what the backward needs.
+  """
+  import dataclasses
+
+  import flax.linen as nn
+  import poetx_jax
+
+  class TwoLayers(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(64, use_bias=False, name="b")(jnp.tanh(nn.Dense(64, use_bias=False, name="a")(x)))
+
+  config = poetx_jax.POETConfig(block_size=32, implementation="pallas", exclude=r"^$")
+  model = poetx_jax.wrap(TwoLayers(), config)
+  x = jnp.ones((40, 64), jnp.bfloat16)
+  shapes_only = poetx_jax.wrap(TwoLayers(), dataclasses.replace(config, implementation="xla"))
+  variables = jax.eval_shape(lambda: shapes_only.init(jax.random.key(0), x))
+
+  def train_step(variables, x):
+    loss = jax.checkpoint(lambda params: jnp.sum(model.apply({**variables, "params": params}, x).astype(jnp.float32) ** 2))
+    return jax.value_and_grad(loss)(variables["params"])
+
+  module = triton_backend.lower_for_h100(train_step, variables, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  layers, sides = 2, 2
+  expected = {
+      # forward, backward, forward again (remat) -- but the recomputed forward of the last
+      # layer needs only h, not its output rotation, so that one launch is dead code.
+      "poetx_block_rotate": layers * (2 + 2 + 2) - 1,
+      "poetx_block_outer_sum": layers * 2,
+      "poetx_cayley_skew": layers * sides * (1 + 1 + 1),  # forward, forward again, backward
+      "poetx_cayley_square": layers * sides * (1 + 1 + 1),
+      "poetx_cayley_neumann": layers * sides * (1 + 1),
+      "poetx_cayley_grad2": layers * sides,
+      "poetx_cayley_dq": layers * sides,
+  }
+  counts = {name: module.count(f'name = "{name}"') for name in expected}
+  assert counts == expected
