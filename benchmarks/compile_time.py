@@ -19,7 +19,7 @@ from benchmarks import synthetic
 from poetx_jax import train_config, trainer
 
 
-def measure(model: str, implementation: str, batch: int, seq_len: int, steps: int, method: str) -> dict:
+def measure(model: str, implementation: str, batch: int, seq_len: int, steps: int, method: str, scan: bool = False) -> dict:
   c = base.get_config()
   c.model.size = model
   c.model.vocab_size = 32000
@@ -27,6 +27,7 @@ def measure(model: str, implementation: str, batch: int, seq_len: int, steps: in
   c.data.seq_len = seq_len
   c.optimizer.name = method
   c.poet.implementation = implementation
+  c.model.scan_layers = scan
   c.train.steps = 1000
   c.train.global_batch_size = batch
   config = train_config.from_config_dict(c)
@@ -44,7 +45,7 @@ def measure(model: str, implementation: str, batch: int, seq_len: int, steps: in
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times[1:] or times)
-  return {"model": model, "method": method, "implementation": implementation, "compile_s": compile_s, "step_s": step_s,
+  return {"model": model, "method": method, "implementation": implementation, "scan_layers": scan, "compile_s": compile_s, "step_s": step_s,
           "tokens_per_sec": batch * seq_len / step_s, "temp_gib": memory.temp_size_in_bytes / 2**30 if memory else None}
 
 
@@ -56,13 +57,16 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--seq_len", type=int, default=256)
   parser.add_argument("--steps", type=int, default=6)
+  parser.add_argument("--scan", default="false", help="comma-separated: false,true (unrolled and/or scanned blocks)")
   args = parser.parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind}", flush=True)
   for model in args.models.split(","):
     for implementation in args.implementations.split(","):
-      r = measure(model, implementation, args.batch, args.seq_len, args.steps, args.method)
-      print(f"{model:>5} {r['method']} {implementation:<7} compile {r['compile_s']:7.1f} s  step {r['step_s'] * 1e3:8.1f} ms"
-            f"  {r['tokens_per_sec']:9.0f} tokens/s  temp {r['temp_gib']:.2f} GiB", flush=True)
+      for scan in (s == "true" for s in args.scan.split(",")):
+        r = measure(model, implementation, args.batch, args.seq_len, args.steps, args.method, scan)
+        print(f"{model:>5} {r['method']} {implementation:<7} {'scan' if scan else 'unrolled':<8}"
+              f" compile {r['compile_s']:7.1f} s  step {r['step_s'] * 1e3:8.1f} ms"
+              f"  {r['tokens_per_sec']:9.0f} tokens/s  temp {r['temp_gib']:.2f} GiB", flush=True)
 
 
 if __name__ == "__main__":

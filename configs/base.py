@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = "none"  # "none", "full" or "dots": rematerialize each block in the backward
   c.model.attention = None  # jax.nn.dot_product_attention implementation: None (XLA picks), "xla", "cudnn"
   c.model.init_std = 0.02  # std of the normal initializers (POET-X then normalizes each output neuron)
+  c.model.scan_layers = False  # one nn.scan over the blocks (params stacked under `blocks`): compile time flat in depth
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "poetx"  # "poetx" (wrap + POETAdamW), "adamw" or "muon": same model, data and loop

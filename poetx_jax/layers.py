@@ -66,15 +66,23 @@ def _check_supported(module: nn.Module) -> None:
     )
 
 
-def _normalized_base_kernel(module: nn.Module, d_in: int, d_out: int, config: POETConfig, path: str):
+def _normalized_base_kernel(module: nn.Module, d_in: int, d_out: int, config: POETConfig, perms):
   """`K0` from the layer's own initializer, columns scaled to unit L2 norm, then permuted."""
   boxed = module.kernel_init(module.make_rng("params"), (d_in, d_out), module.param_dtype)
   k0_IxO = (boxed.unbox() if isinstance(boxed, meta.AxisMetadata) else boxed).astype(jnp.float32)
   if config.init_scale is not None:
     k0_IxO = config.init_scale * k0_IxO / jnp.maximum(jnp.linalg.norm(k0_IxO, axis=0, keepdims=True), 1e-12)
-  perm_in_inv, perm_out = permutation.draw_permutations(permutation.layer_key(config.seed, 0, path), d_in, d_out)
+  perm_in_inv, perm_out = perms
   k_s = ops.permuted_base_kernel(k0_IxO, perm_in_inv, perm_out).astype(module.param_dtype)
   return boxed, k_s
+
+
+def _initial_permutations(module: nn.Module, config: POETConfig, path: str, d_in: int, d_out: int):
+  """Merge 0's permutations: keyed by (seed, 0, path) and by the init RNG, so the layers of
+  an `nn.scan` (which share one path) draw different ones; the same on every replica."""
+  layer_bits = jax.random.bits(module.make_rng("params"), (), jnp.uint32)
+  key = jax.random.fold_in(permutation.layer_key(config.seed, 0, path), layer_bits)
+  return permutation.draw_permutations(key, d_in, d_out)
 
 
 def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, next_fun) -> jax.Array:
@@ -110,13 +118,17 @@ def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, ne
   q_in = module.param(Q_IN, nn.initializers.zeros_init(), (d_in // block, packed), q_dtype)
   q_out = module.param(Q_OUT, nn.initializers.zeros_init(), (d_out // block, packed), q_dtype)
 
-  def init_base_kernel():
-    boxed, k_s = _normalized_base_kernel(module, d_in, d_out, config, path)
-    k_s = k_s.reshape(kernel_shape)
-    return meta.replace_boxed(boxed, k_s) if isinstance(boxed, meta.AxisMetadata) else k_s
+  drawn = []  # one draw shared by the three variables below (only called during init)
 
   def init_perms():
-    return permutation.draw_permutations(permutation.layer_key(config.seed, 0, path), d_in, d_out)
+    if not drawn:
+      drawn.append(_initial_permutations(module, config, path, d_in, d_out))
+    return drawn[0]
+
+  def init_base_kernel():
+    boxed, k_s = _normalized_base_kernel(module, d_in, d_out, config, init_perms())
+    k_s = k_s.reshape(kernel_shape)
+    return meta.replace_boxed(boxed, k_s) if isinstance(boxed, meta.AxisMetadata) else k_s
 
   base_kernel = module.variable(POET_COLLECTION, BASE_KERNEL, init_base_kernel).value
   perm_in_inv = module.variable(POET_COLLECTION, PERM_IN_INV, lambda: init_perms()[0]).value

@@ -19,7 +19,7 @@ Variables = dict[str, Any]
 
 
 def _layer_blocks(q_layer, neumann_terms, dynamic: bool):
-  """`(G_in, G_out)` of one layer in float32."""
+  """`(G_in, G_out)` of one layer in float32 (any leading layer axes)."""
   blocks = []
   for name in layers.ORTHOGONAL_PARAMS:
     q_RxE = tree_paths.unboxed(q_layer[name])
@@ -31,26 +31,31 @@ def _layer_blocks(q_layer, neumann_terms, dynamic: bool):
   return tuple(blocks)
 
 
-def _flat_effective_kernel(state, g_in, g_out) -> jax.Array:
+def _layer_arrays(state, q_layer):
+  """The layer's arrays, base kernel flattened to `(..., d_in, d_out)`, and its layer count (None: unstacked).
+
+  Layers built under `nn.scan` hold their state stacked on a leading axis.
+  """
   perm_in_inv = tree_paths.unboxed(state[layers.PERM_IN_INV])
   perm_out = tree_paths.unboxed(state[layers.PERM_OUT])
-  k_s = tree_paths.unboxed(state[layers.BASE_KERNEL])
-  return ops.effective_kernel(k_s.reshape(perm_in_inv.shape[0], perm_out.shape[0]), g_in, g_out, perm_in_inv, perm_out)
+  stacked = perm_in_inv.shape[0] if perm_in_inv.ndim == 2 else None
+  lead = (stacked,) if stacked else ()
+  k_s = tree_paths.unboxed(state[layers.BASE_KERNEL]).reshape(lead + (perm_in_inv.shape[-1], perm_out.shape[-1]))
+  q = tuple(tree_paths.unboxed(q_layer[name]) for name in layers.ORTHOGONAL_PARAMS)
+  return q, k_s, perm_in_inv, perm_out, stacked
 
 
-def _check_unstacked(path, state):
-  if tree_paths.unboxed(state[layers.PERM_IN_INV]).ndim != 1:
-    raise ValueError(
-        f"layer {'/'.join(path)!r} holds stacked POET-X state (e.g. from nn.scan);"
-        " merges support unstacked layers only: unroll the scan."
-    )
+def _per_layer(fn, stacked, *args):
+  """`fn(*args)` for one layer, or mapped over the leading layer axis of stacked state."""
+  return jax.vmap(fn)(*args) if stacked else fn(*args)
 
 
 def merge(variables: Variables, opt_state: Any, config: POETConfig, merge_index: jax.Array | int) -> tuple[Variables, Any]:
   """Folds every wrapped layer's rotations into its base kernel (SPEC §6), jit-safe.
 
   Args:
-    variables: `{"params": ..., "poet": ..., ...}` of a wrapped model.
+    variables: `{"params": ..., "poet": ..., ...}` of a wrapped model (layers may be
+      stacked by `nn.scan`).
     opt_state: the state of `poetx_jax.optimizer` (or any optax state holding it).
     config: the `POETConfig` the model was wrapped with.
     merge_index: which merge this is (>= 1); keys the new permutations.
@@ -62,20 +67,25 @@ def merge(variables: Variables, opt_state: Any, config: POETConfig, merge_index:
   """
   params, poet = variables["params"], variables[layers.POET_COLLECTION]
   for path, state in tree_paths.poet_layers(poet):
-    _check_unstacked(path, state)
     q_layer = tree_paths.get_path(params, path)
-    g_in, g_out = _layer_blocks(q_layer, config.neumann_terms, dynamic=False)
-    k_true_IxO = _flat_effective_kernel(state, g_in, g_out)
-    d_in, d_out = k_true_IxO.shape
+    (q_in, q_out), k_s, perm_in_inv, perm_out, stacked = _layer_arrays(state, q_layer)
     key = permutation.layer_key(config.seed, merge_index, "/".join(path))
-    perm_in_inv, perm_out = permutation.draw_permutations(key, d_in, d_out)
+    if stacked:  # one key per layer of the stack
+      key = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(stacked))
+
+    def merge_one(q_in, q_out, k_s, perm_in_inv, perm_out, key):
+      g_in, g_out = _layer_blocks({layers.Q_IN: q_in, layers.Q_OUT: q_out}, config.neumann_terms, dynamic=False)
+      k_true_IxO = ops.effective_kernel(k_s, g_in, g_out, perm_in_inv, perm_out)
+      new_perm_in_inv, new_perm_out = permutation.draw_permutations(key, *k_true_IxO.shape)
+      return ops.permuted_base_kernel(k_true_IxO, new_perm_in_inv, new_perm_out), new_perm_in_inv, new_perm_out
+
+    new_k, new_perm_in_inv, new_perm_out = _per_layer(merge_one, stacked, q_in, q_out, k_s, perm_in_inv, perm_out, key)
     old_kernel = state[layers.BASE_KERNEL]
     old_k = tree_paths.unboxed(old_kernel)
-    new_k = ops.permuted_base_kernel(k_true_IxO, perm_in_inv, perm_out).astype(old_k.dtype).reshape(old_k.shape)
     new_state = dict(state)
-    new_state[layers.BASE_KERNEL] = tree_paths.reboxed(old_kernel, new_k)
-    new_state[layers.PERM_IN_INV] = tree_paths.reboxed(state[layers.PERM_IN_INV], perm_in_inv)
-    new_state[layers.PERM_OUT] = tree_paths.reboxed(state[layers.PERM_OUT], perm_out)
+    new_state[layers.BASE_KERNEL] = tree_paths.reboxed(old_kernel, new_k.astype(old_k.dtype).reshape(old_k.shape))
+    new_state[layers.PERM_IN_INV] = tree_paths.reboxed(state[layers.PERM_IN_INV], new_perm_in_inv)
+    new_state[layers.PERM_OUT] = tree_paths.reboxed(state[layers.PERM_OUT], new_perm_out)
     poet = tree_paths.with_path(poet, path, new_state)
     new_q = dict(q_layer)
     for name in layers.ORTHOGONAL_PARAMS:
@@ -111,20 +121,26 @@ def effective_params(variables: Variables) -> dict[str, Any]:
   """Plain parameters of the *unwrapped* model: `kernel = K_eff` for every wrapped layer.
 
   Reads `k` from the variables (`neumann_terms`), so no config is needed. Kernels
-  are computed in float32 and stored in the base kernel's dtype.
+  are computed in float32 and stored in the base kernel's dtype (stacked, for layers
+  built under `nn.scan`, as the unwrapped scanned model expects).
 
   Returns:
     A `params` tree for `model.apply({"params": ...}, ...)`.
   """
   params, poet = variables["params"], variables[layers.POET_COLLECTION]
   for path, state in tree_paths.poet_layers(poet):
-    _check_unstacked(path, state)
     q_layer = tree_paths.get_path(params, path)
-    g_in, g_out = _layer_blocks(q_layer, tree_paths.unboxed(state[layers.NEUMANN_TERMS]), dynamic=True)
+    (q_in, q_out), k_s, perm_in_inv, perm_out, stacked = _layer_arrays(state, q_layer)
+    terms = tree_paths.unboxed(state[layers.NEUMANN_TERMS])
+
+    def effective_one(q_in, q_out, k_s, perm_in_inv, perm_out, terms):
+      g_in, g_out = _layer_blocks({layers.Q_IN: q_in, layers.Q_OUT: q_out}, terms, dynamic=True)
+      return ops.effective_kernel(k_s, g_in, g_out, perm_in_inv, perm_out)
+
     base_kernel = state[layers.BASE_KERNEL]
-    k_s = tree_paths.unboxed(base_kernel)
-    kernel = _flat_effective_kernel(state, g_in, g_out).astype(k_s.dtype).reshape(k_s.shape)
+    old_k = tree_paths.unboxed(base_kernel)
+    kernel = _per_layer(effective_one, stacked, q_in, q_out, k_s, perm_in_inv, perm_out, terms)
     dense = {k: v for k, v in q_layer.items() if k not in layers.ORTHOGONAL_PARAMS}
-    dense["kernel"] = tree_paths.reboxed(base_kernel, kernel)
+    dense["kernel"] = tree_paths.reboxed(base_kernel, kernel.astype(old_k.dtype).reshape(old_k.shape))
     params = tree_paths.with_path(params, path, dense)
   return params

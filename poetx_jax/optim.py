@@ -36,13 +36,18 @@ def _leaf_name(path) -> str:
   return str(getattr(last, "key", getattr(last, "name", last)))
 
 
+# Parameters that are vectors per layer, whatever their rank (nn.scan stacks them to 2-D).
+VECTOR_NAMES = ("bias", "scale")
+
+
 def param_labels(params: Any) -> Any:
   """The group of every parameter: "orthogonal", "matrix" or "vector"."""
 
   def label(path, leaf):
-    if _leaf_name(path) in layers.ORTHOGONAL_PARAMS:
+    name = _leaf_name(path)
+    if name in layers.ORTHOGONAL_PARAMS:
       return ORTHOGONAL
-    return MATRIX if jnp.ndim(leaf) >= 2 else VECTOR
+    return VECTOR if name in VECTOR_NAMES or jnp.ndim(leaf) < 2 else MATRIX
 
   return jax.tree_util.tree_map_with_path(label, params)
 

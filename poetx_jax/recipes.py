@@ -24,17 +24,19 @@ def _schedule(peak: float, config: OptimizerConfig, total_steps: int) -> optax.S
 
 
 def _is_matrix_mask(params):
-  return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices only (the same groups as POET-X's "matrix")."""
+  return jax.tree_util.tree_map(lambda label: label == optim.MATRIX, optim.param_labels(params))
 
 
 def _muon_dimensions(params):
-  """Muon acts on the blocks' 2-D kernels; embeddings and the head use Adam."""
+  """Muon acts on the blocks' kernels (`(d_in, d_out)`, or stacked `(L, d_in, d_out)` under
+  nn.scan); embeddings, the head and vectors use Adam."""
 
   def dims(path, leaf):
     names = [str(getattr(p, "key", p)) for p in path]
-    if leaf.ndim == 2 and "embed" not in names and "lm_head" not in names:
-      return optax.contrib.MuonDimensionNumbers(reduction_axis=(0,), output_axis=(1,))
-    return None
+    if names[-1] != "kernel" or "embed" in names or "lm_head" in names:
+      return None
+    return optax.contrib.MuonDimensionNumbers(reduction_axis=(leaf.ndim - 2,), output_axis=(leaf.ndim - 1,))
 
   return jax.tree_util.tree_map_with_path(dims, params)
 

@@ -28,7 +28,7 @@ def orthogonality_errors(variables: Mapping[str, Any], norm: str = "spectral") -
   out = {}
   for path, state in _layers(variables):
     q_layer = tree_paths.get_path(variables["params"], path)
-    k = tree_paths.unboxed(state[layers.NEUMANN_TERMS])
+    k = tree_paths.unboxed(state[layers.NEUMANN_TERMS]).reshape(-1)[0]  # one k per layer stack
     g_in, g_out = merging._layer_blocks(q_layer, k, dynamic=True)  # pylint: disable=protected-access
     out["/".join(path)] = jnp.maximum(cayley.orthogonality_error(g_in, norm), cayley.orthogonality_error(g_out, norm))
   return out
@@ -43,6 +43,8 @@ def max_orthogonality_error(variables: Mapping[str, Any], norm: str = "spectral"
 def singular_values(variables: Mapping[str, Any], paths: tuple[str, ...] | None = None) -> dict[str, jax.Array]:
   """Singular values (descending, float32) of the effective kernels `K_eff`, keyed by path.
 
+  Layers stacked by `nn.scan` give one row of singular values per layer.
+
   Args:
     variables: a wrapped model's variables.
     paths: restrict to these "/"-joined layer paths (SVDs of large kernels are costly).
@@ -54,14 +56,15 @@ def singular_values(variables: Mapping[str, Any], paths: tuple[str, ...] | None 
     if paths is not None and name not in paths:
       continue
     kernel = tree_paths.unboxed(tree_paths.get_path(effective, path)["kernel"]).astype(jnp.float32)
-    out[name] = jnp.linalg.svd(kernel.reshape(state_dims(variables, path)), compute_uv=False)
+    stacked = kernel.shape[:1] if tree_paths.get_path(variables[layers.POET_COLLECTION], path)[layers.PERM_OUT].ndim == 2 else ()
+    out[name] = jnp.linalg.svd(kernel.reshape(stacked + state_dims(variables, path)), compute_uv=False)
   return out
 
 
 def state_dims(variables: Mapping[str, Any], path: tuple[str, ...]) -> tuple[int, int]:
   """`(d_in, d_out)` of a wrapped layer."""
   state = tree_paths.get_path(variables[layers.POET_COLLECTION], path)
-  return state[layers.PERM_IN_INV].shape[0], state[layers.PERM_OUT].shape[0]
+  return state[layers.PERM_IN_INV].shape[-1], state[layers.PERM_OUT].shape[-1]
 
 
 def spectrum_drift(current: Mapping[str, jax.Array], reference: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

@@ -148,14 +148,19 @@ def orthogonality_metric(params, frozen) -> jax.Array:
 
 
 def largest_singular_values(params, frozen, paths: tuple[str, ...]) -> dict[str, jax.Array]:
-  """σ_max of the (effective, for POET-X) kernels at `paths`: the spectrum the method holds fixed."""
+  """σ_max of the (effective, for POET-X) kernels at `paths`: the spectrum the method holds fixed.
+
+  A path into an `nn.scan` stack (`blocks/...`) reports its first layer.
+  """
   if frozen.get("poet"):
-    return {p: s[0] for p, s in spectrum.singular_values({"params": params, **frozen}, paths=paths).items()}
+    values = spectrum.singular_values({"params": params, **frozen}, paths=paths)
+    return {p: s.reshape(-1, s.shape[-1])[0, 0] for p, s in values.items()}
   out = {}
   for path in paths:
     node = params
     for name in path.split("/"):
       node = node[name]
     kernel = node["kernel"].astype(jnp.float32)
-    out[path] = jnp.linalg.svd(kernel.reshape(-1, kernel.shape[-1]), compute_uv=False)[0]
+    first = kernel.reshape((-1,) + kernel.shape[-2:])[0]
+    out[path] = jnp.linalg.svd(first, compute_uv=False)[0]
   return out

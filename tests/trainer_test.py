@@ -146,3 +146,14 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(cache_dir, tmp_
   checkpointer.close()
   assert step == 8 and int(state.step) == 8
   assert "step 16" in caplog.text and "unreadable" in caplog.text
+
+
+def test_scanned_blocks_train_and_merge(cache_dir, tmp_path):
+  config = _config(cache_dir, steps=16, model__scan_layers=True, model__layers=2, train__spectrum_every=8,
+                   train__spectrum_layers="blocks/mlp/down_proj")
+  trainer.train(config, str(tmp_path))
+  records = _records(tmp_path)
+  assert [r["step"] for r in records if r["merged"]] == [8, 16]
+  assert np.mean([r["loss"] for r in records[-3:]]) < np.mean([r["loss"] for r in records[:3]])
+  sigmas = [r["sigma_max/blocks/mlp/down_proj"] for r in _records(tmp_path, "spectrum")]
+  assert len(sigmas) == 3 and (max(sigmas) - min(sigmas)) / sigmas[0] < 1e-2

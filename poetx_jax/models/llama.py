@@ -34,6 +34,8 @@ class LlamaConfig:
       keep the matmul outputs without batch dimensions).
     init_std: standard deviation of the normal initializers (0.02).
     attention: `jax.nn.dot_product_attention` implementation: None (XLA picks), "xla", "cudnn".
+    scan_layers: run the blocks as one `nn.scan` (parameters stacked on a leading
+      layer axis, under the path `blocks`): compile time no longer grows with depth.
   """
 
   vocab_size: int = 32000
@@ -49,6 +51,7 @@ class LlamaConfig:
   remat: str = "none"
   init_std: float = 0.02
   attention: str | None = None
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.hidden % self.heads:
@@ -136,6 +139,14 @@ class Block(nn.Module):
     return x_BxSxD + MLP(cfg, name="mlp")(norm("mlp_norm")(x_BxSxD))
 
 
+class ScannedBlock(Block):
+  """A Block with nn.scan's (carry, output) signature."""
+
+  @nn.compact
+  def __call__(self, x_BxSxD, positions_BxS):
+    return super().__call__(x_BxSxD, positions_BxS), None
+
+
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -160,9 +171,16 @@ class Llama(nn.Module):
     )
     x = embed(tokens_BxS)
     positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
-    block_cls = Block if cfg.remat == "none" else nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat])
-    for i in range(cfg.layers):
-      x = block_cls(cfg, name=f"blocks_{i}")(x, positions_BxS)
+    base = ScannedBlock if cfg.scan_layers else Block
+    block_cls = base if cfg.remat == "none" else nn.remat(base, policy=_REMAT_POLICIES[cfg.remat])
+    if cfg.scan_layers:
+      stack = nn.scan(
+          block_cls, variable_axes={True: 0}, split_rngs={"params": True}, in_axes=(nn.broadcast,), length=cfg.layers
+      )
+      x, _ = stack(cfg, name="blocks")(x, positions_BxS)
+    else:
+      for i in range(cfg.layers):
+        x = block_cls(cfg, name=f"blocks_{i}")(x, positions_BxS)
     x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm")(x)
     logits = _dense(cfg, cfg.vocab_size, "lm_head")(x)
     return logits.astype(jnp.float32)
