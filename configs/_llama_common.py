@@ -8,6 +8,7 @@ def llama_config(size: str, *, lr: float, poet_lr: float = 1e-3, block_size: int
   c = base.get_config()
   c.model.size = size
   c.model.dtype = "bfloat16"  # GPU computation; params and merges stay float32 unless param_dtype says otherwise
+  c.model.scan_layers = True  # one nn.scan over the blocks: compile time does not grow with depth
   c.data.seq_len = 256
   c.optimizer.lr = lr
   c.optimizer.poet_lr = poet_lr
