@@ -117,6 +117,21 @@ def merge_if_needed(step: jax.Array | int, variables: Variables, opt_state: Any,
   )
 
 
+def flat_effective_kernel(state, q_layer) -> jax.Array:
+  """One wrapped layer's `K_eff` in float32, `(d_in, d_out)` (or `(L, d_in, d_out)` for a stack).
+
+  Reads `k` from the layer's own `neumann_terms`.
+  """
+  (q_in, q_out), k_s, perm_in_inv, perm_out, stacked = _layer_arrays(state, q_layer)
+  terms = tree_paths.unboxed(state[layers.NEUMANN_TERMS])
+
+  def effective_one(q_in, q_out, k_s, perm_in_inv, perm_out, terms):
+    g_in, g_out = _layer_blocks({layers.Q_IN: q_in, layers.Q_OUT: q_out}, terms, dynamic=True)
+    return ops.effective_kernel(k_s, g_in, g_out, perm_in_inv, perm_out)
+
+  return _per_layer(effective_one, stacked, q_in, q_out, k_s, perm_in_inv, perm_out, terms)
+
+
 def effective_params(variables: Variables) -> dict[str, Any]:
   """Plain parameters of the *unwrapped* model: `kernel = K_eff` for every wrapped layer.
 
@@ -130,16 +145,9 @@ def effective_params(variables: Variables) -> dict[str, Any]:
   params, poet = variables["params"], variables[layers.POET_COLLECTION]
   for path, state in tree_paths.poet_layers(poet):
     q_layer = tree_paths.get_path(params, path)
-    (q_in, q_out), k_s, perm_in_inv, perm_out, stacked = _layer_arrays(state, q_layer)
-    terms = tree_paths.unboxed(state[layers.NEUMANN_TERMS])
-
-    def effective_one(q_in, q_out, k_s, perm_in_inv, perm_out, terms):
-      g_in, g_out = _layer_blocks({layers.Q_IN: q_in, layers.Q_OUT: q_out}, terms, dynamic=True)
-      return ops.effective_kernel(k_s, g_in, g_out, perm_in_inv, perm_out)
-
     base_kernel = state[layers.BASE_KERNEL]
     old_k = tree_paths.unboxed(base_kernel)
-    kernel = _per_layer(effective_one, stacked, q_in, q_out, k_s, perm_in_inv, perm_out, terms)
+    kernel = flat_effective_kernel(state, q_layer)
     dense = {k: v for k, v in q_layer.items() if k not in layers.ORTHOGONAL_PARAMS}
     dense["kernel"] = tree_paths.reboxed(base_kernel, kernel.astype(old_k.dtype).reshape(old_k.shape))
     params = tree_paths.with_path(params, path, dense)

@@ -43,28 +43,21 @@ def max_orthogonality_error(variables: Mapping[str, Any], norm: str = "spectral"
 def singular_values(variables: Mapping[str, Any], paths: tuple[str, ...] | None = None) -> dict[str, jax.Array]:
   """Singular values (descending, float32) of the effective kernels `K_eff`, keyed by path.
 
-  Layers stacked by `nn.scan` give one row of singular values per layer.
+  Layers stacked by `nn.scan` give one row of singular values per layer. Only the
+  layers asked for are computed.
 
   Args:
     variables: a wrapped model's variables.
     paths: restrict to these "/"-joined layer paths (SVDs of large kernels are costly).
   """
-  effective = merging.effective_params(variables)
   out = {}
-  for path, _ in _layers(variables):
+  for path, state in _layers(variables):
     name = "/".join(path)
     if paths is not None and name not in paths:
       continue
-    kernel = tree_paths.unboxed(tree_paths.get_path(effective, path)["kernel"]).astype(jnp.float32)
-    stacked = kernel.shape[:1] if tree_paths.get_path(variables[layers.POET_COLLECTION], path)[layers.PERM_OUT].ndim == 2 else ()
-    out[name] = jnp.linalg.svd(kernel.reshape(stacked + state_dims(variables, path)), compute_uv=False)
+    kernel = merging.flat_effective_kernel(state, tree_paths.get_path(variables["params"], path))
+    out[name] = jnp.linalg.svd(kernel, compute_uv=False)
   return out
-
-
-def state_dims(variables: Mapping[str, Any], path: tuple[str, ...]) -> tuple[int, int]:
-  """`(d_in, d_out)` of a wrapped layer."""
-  state = tree_paths.get_path(variables[layers.POET_COLLECTION], path)
-  return state[layers.PERM_IN_INV].shape[-1], state[layers.PERM_OUT].shape[-1]
 
 
 def spectrum_drift(current: Mapping[str, jax.Array], reference: Mapping[str, jax.Array]) -> dict[str, jax.Array]:

@@ -110,7 +110,7 @@ def _count(tree) -> int:
 
 
 def _describe(run: Run, state, compiled) -> None:
-  frozen = _count({k: v for k, v in state.frozen.get("poet", {}).items()}) if state.frozen else 0
+  frozen = _count(state.frozen)
   logger.info(
       "model: %s | optimizer: %s | trainable params: %s | frozen POET-X state: %s | devices: %d (mesh %s)",
       run.config.model, run.config.optimizer.name, f"{_count(state.params):,}", f"{frozen:,}",
@@ -216,12 +216,9 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
         step_done = step + 1
         due_eval = config.train.eval_every and step_done % config.train.eval_every == 0
         due_save = step_done % config.train.checkpoint_every == 0 or step_done == total
-        if due_eval or due_save:
-          read(pending)  # never save or evaluate a state whose loss is unread
-          pending = None
         stopping = stop_after_step is not None and step_done >= stop_after_step and step_done < total
-        if stopping and pending is not None:
-          read(pending)
+        if due_eval or due_save or stopping:
+          read(pending)  # never save or evaluate a state whose loss is unread
           pending = None
         if due_save or stopping:
           checkpointer.save(step_done, state, iterator, force=True)
