@@ -137,6 +137,7 @@ def main(argv=None):
       from poetx_jax.kernels import cayley_neumann as cn  # pylint: disable=g-import-not-at-top
       cayley_impls["xla_default"] = lambda q, b: cayley.cayley_neumann(q, b, 3, jax.lax.Precision.DEFAULT)
       cayley_impls["pallas"] = lambda q, b: cn.cayley_neumann(q, b)
+      cayley_impls["pallas_bf16"] = lambda q, b: cn.cayley_neumann(q, b, operand_dtype=jnp.bfloat16)
     records += cayley_records(cayley_impls)
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -35,9 +35,15 @@ class Backend:
   gathered_block_outer_sum: Callable[..., jax.Array]
 
 
+def _xla_cayley_neumann(q_RxE, block_size, neumann_terms=3, precision=None, operand_dtype=None):
+  """The XLA map ignores `operand_dtype`: it is the reference and multiplies in float32."""
+  del operand_dtype
+  return cayley.cayley_neumann(q_RxE, block_size, neumann_terms, precision)
+
+
 XLA = Backend(
     name="xla",
-    cayley_neumann=cayley.cayley_neumann,
+    cayley_neumann=_xla_cayley_neumann,
     gather_rotate=rotation.gather_rotate,
     rotate_gather=rotation.rotate_gather,
     gathered_block_outer_sum=rotation.gathered_block_outer_sum,

@@ -77,19 +77,32 @@ class BlockOuterSumBase(KernelCase):
 
 
 class CayleyNeumannBase(KernelCase):
-  @pytest.mark.parametrize("block,blocks", [(16, 3), (32, 2), (64, 2), (128, 1)])
+  @pytest.mark.parametrize("block,blocks", [(16, 3), (32, 2), (64, 2), (128, 1), (256, 1)])
   @pytest.mark.parametrize("scale", [0.01, 0.2])
-  def test_forward_and_vjp(self, rng, block, blocks, scale):
+  @pytest.mark.parametrize("operand_dtype", ["float32", "bfloat16"])
+  def test_forward_and_vjp(self, rng, block, blocks, scale, operand_dtype):
+    if self.interpret and block == 256 and operand_dtype == "float32":
+      pytest.skip("b = 256 covers the multi-tile bf16 path; float32 adds interpreter time only")
     q = jnp.asarray(scale * rng.standard_normal((blocks, skew.packed_size(block))), jnp.float32)
-    fn = lambda v: cayley_kernel.cayley_neumann(v, block, interpret=self.interpret)
+    fn = lambda v: cayley_kernel.cayley_neumann(v, block, operand_dtype=operand_dtype, interpret=self.interpret)
     ref = lambda v: cayley.cayley_neumann_reference(v, block, 3)
     out, vjp = jax.vjp(fn, q)
     out_ref, vjp_ref = jax.vjp(ref, q)
+    assert out.dtype == jnp.float32
     # G = I + (small): compare the deviation from I, which is what rounding can touch.
     eye = jnp.eye(block)
-    assert relative_error(out - eye, out_ref - eye) < self.tol("float32")
+    assert relative_error(out - eye, out_ref - eye) < self.tol(operand_dtype)
     cot = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
-    assert relative_error(vjp(cot)[0], vjp_ref(cot)[0]) < self.tol("float32")
+    assert relative_error(vjp(cot)[0], vjp_ref(cot)[0]) < self.tol(operand_dtype)
+
+  def test_bfloat16_operands_round_only_the_square_terms(self, rng):
+    """With bf16 operands the error sits in the Q² terms: far below bf16 rounding of G itself."""
+    block = 64
+    q = jnp.asarray(0.02 * rng.standard_normal((2, skew.packed_size(block))), jnp.float32)
+    got = cayley_kernel.cayley_neumann(q, block, operand_dtype=jnp.bfloat16, interpret=self.interpret)
+    want = cayley.cayley_neumann_reference(q, block, 3)
+    rounding_of_g = jnp.max(jnp.abs(want.astype(jnp.bfloat16).astype(jnp.float32) - want))
+    assert jnp.max(jnp.abs(got - want)) < 0.25 * rounding_of_g
 
   def test_zero_is_identity(self):
     out = cayley_kernel.cayley_neumann(jnp.zeros((2, skew.packed_size(32))), 32, interpret=self.interpret)
@@ -140,10 +153,13 @@ def test_every_kernel_lowers_to_triton_for_an_h100(block):
     return out, vjp(cotangent)
 
   rotate = lambda a, g, p: forward_and_vjp(lambda a, g: block_rotation.block_rotate(a, g, gather=p), (a, g), a)
-  cayley_fb = lambda q, g: forward_and_vjp(lambda v: cayley_kernel.cayley_neumann(v, block), (q,), g)
+  cayley_fb = lambda q, g: forward_and_vjp(
+      lambda v: cayley_kernel.cayley_neumann(v, block, operand_dtype=jnp.bfloat16), (q,), g
+  )
   for fn, args, names in (
       (rotate, (a, g, p), ("poetx_block_rotate", "poetx_block_outer_sum")),
-      (cayley_fb, (q, g), ("poetx_cayley_square", "poetx_cayley_neumann", "poetx_cayley_grad2", "poetx_cayley_dq")),
+      (cayley_fb, (q, g), ("poetx_cayley_square", "poetx_cayley_neumann", "poetx_cayley_grad2", "poetx_cayley_dq",
+                           "poetx_cayley_pack")),
   ):
     module = triton_backend.lower_for_h100(fn, *args)
     for name in names:
@@ -153,9 +169,10 @@ def test_every_kernel_lowers_to_triton_for_an_h100(block):
 def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_times():
   """A wrapped two-layer model's jitted, rematerialized loss + gradient, lowered for an H100.
 
-  Per wrapped layer: the forward runs 2 rotations (gather, scatter) and, per side, the 3
-  Cayley–Neumann forward kernels (unpack, square, Neumann); the backward runs 2 more
-  rotations, 2 outer sums and, per side, 4 kernels (unpack, square, ∇2, packed dq).
+  Per wrapped layer: the forward runs 2 rotations (gather, scatter) and, for both sides
+  at once, the 3 Cayley–Neumann forward kernels (unpack, square, Neumann); the backward
+  runs 2 more rotations, 2 outer sums and 5 Cayley kernels (unpack, square, ∇2, dense
+  dQ, packing).
   Rematerialization (`jax.checkpoint`) re-runs the forward inside the backward, keeping
   only what the backward needs.
   """
@@ -180,17 +197,18 @@ def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_t
     return jax.value_and_grad(loss)(variables["params"])
 
   module = triton_backend.lower_for_h100(train_step, variables, jax.ShapeDtypeStruct(x.shape, x.dtype))
-  layers, sides = 2, 2
+  layers = 2
   expected = {
       # forward, backward, forward again (remat) -- but the recomputed forward of the last
       # layer needs only h, not its output rotation, so that one launch is dead code.
       "poetx_block_rotate": layers * (2 + 2 + 2) - 1,
       "poetx_block_outer_sum": layers * 2,
-      "poetx_cayley_skew": layers * sides * (1 + 1 + 1),  # forward, forward again, backward
-      "poetx_cayley_square": layers * sides * (1 + 1 + 1),
-      "poetx_cayley_neumann": layers * sides * (1 + 1),
-      "poetx_cayley_grad2": layers * sides,
-      "poetx_cayley_dq": layers * sides,
+      "poetx_cayley_skew": layers * (1 + 1 + 1),  # forward, forward again, backward
+      "poetx_cayley_square": layers * (1 + 1 + 1),
+      "poetx_cayley_neumann": layers * (1 + 1),
+      "poetx_cayley_grad2": layers,
+      "poetx_cayley_dq": layers,
+      "poetx_cayley_pack": layers,
   }
   counts = {name: module.count(f'name = "{name}"') for name in expected}
   assert counts == expected

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import functools
 
+import jax.numpy as jnp
+
 from poetx_jax import backends, cayley
 from poetx_jax.kernels import block_outer_sum, block_rotation
 from poetx_jax.kernels import cayley_neumann as cayley_kernel
 
 
-def _cayley_neumann(q_RxE, block_size, neumann_terms=3, precision=None, *, interpret):
+def _cayley_neumann(q_RxE, block_size, neumann_terms=3, precision=None, operand_dtype=jnp.float32, *, interpret):
   if neumann_terms != 3 or q_RxE.ndim != 2 or block_size < 16:
     # Only POET-X's k = 3 has a fused kernel (and only for blocks of 16 or more).
     return cayley.cayley_neumann(q_RxE, block_size, neumann_terms, precision)
-  return cayley_kernel.cayley_neumann(q_RxE, block_size, precision=precision, interpret=interpret)
+  return cayley_kernel.cayley_neumann(
+      q_RxE, block_size, operand_dtype=operand_dtype, precision=precision, interpret=interpret
+  )
 
 
 def _outer_sum(a, perm_a, g, perm_g, block_size, *, interpret):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class RotationTiles:
@@ -51,22 +53,25 @@ class CayleyTiles:
   side: int  # output tile is side x side
   depth: int  # reduction chunk
   num_warps: int
+  num_stages: int = 2  # software-pipelined loads of the reduction loop
 
 
-def cayley_tiles(block_size: int) -> CayleyTiles:
-  """Tiles of the unpack / square / Neumann / ∇2 kernels.
+def cayley_tiles(block_size: int, operand_dtype="float32") -> CayleyTiles:
+  """Tiles of the unpack / square / Neumann / ∇2 / dense dQ kernels.
 
   128 x 128 float32 outputs over 8 warps (64 registers per thread) for large blocks:
   fewer programs re-read fewer operand tiles; small blocks use one tile per block.
+  Two-byte operands take twice the reduction depth for the same bytes per step.
   """
   side = min(block_size, 128)
-  return CayleyTiles(side=side, depth=min(32, block_size), num_warps=8 if side >= 128 else 4)
+  depth = 64 if np.dtype(operand_dtype).itemsize == 2 else 32
+  return CayleyTiles(side=side, depth=min(depth, block_size), num_warps=8 if side >= 128 else 4)
 
 
-def cayley_pair_tiles(block_size: int) -> CayleyTiles:
-  """Tiles of the packed-gradient kernel, which holds two mirrored tiles at once: 64 x 64."""
+def cayley_pack_tiles(block_size: int) -> CayleyTiles:
+  """Tiles of the packing kernel, which holds two mirrored float32 tiles at once: 64 x 64."""
   side = min(block_size, 64)
-  return CayleyTiles(side=side, depth=min(32, block_size), num_warps=4)
+  return CayleyTiles(side=side, depth=side, num_warps=4)
 
 
 def _next_pow2(n: int) -> int:

@@ -8,12 +8,18 @@ kernels read plain contiguous tiles:
 
 * forward: `Q`, `Q2` (one tiled product), then `G` (one tiled product plus an epilogue);
 * backward (SPEC §3, with `Qᵀ = −Q`, `Q2ᵀ = Q2`): `Q`, `Q2`, `∇2 = −(dG·Q + Q·dG)`,
-  then `dQ = (∇2 + 2dG)·Q2 + (Q2 − 2Q)·∇2 + 2(dG + ∇2)`, where each program computes
-  a pair of mirrored tiles `dQ[m, n]`, `dQ[n, m]` and writes `dq = dQ − dQᵀ`
-  straight into the packed triangle.
+  then the dense `dQ = (∇2 + 2dG)·Q2 + (Q2 − 2Q)·∇2 + 2(dG + ∇2)`, then a packing
+  kernel whose programs each read a pair of mirrored tiles `dQ[m, n]`, `dQ[n, m]`
+  and write `dq = dQ − dQᵀ` straight into the packed triangle.
 
-Products run in float32 on the GPU's TF32 path by default (`precision=HIGHEST` for
-IEEE float32), which only rounds the `Q²` terms: `G = I + 2Q + …` keeps `2Q` exact.
+Operands. `Q`, `Q2` and `∇2` are stored, and multiplied, in `operand_dtype`
+(accumulating in float32). The layer passes its activation dtype: with bfloat16
+activations the rotations round `G` to bfloat16 anyway (an absolute error up to
+2⁻⁹ on the diagonal), which dwarfs what bfloat16 operands do to the `Q²` terms
+(2⁻⁹·‖Q‖²), and bfloat16 halves every operand read and doubles the tensor-core
+rate (measured: `benchmarks/cayley_sweep.py`). With float32 operands the products
+run on TF32 by default, or IEEE float32 with `precision=HIGHEST`. `G` and the packed
+gradient are always float32.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from poetx_jax import skew
 from poetx_jax.cayley import cayley_neumann_reference  # noqa: F401  (the reference, re-exported)
 from poetx_jax.kernels import block_sizes
 from poetx_jax.kernels import triton_backend as tb
+
+OPERAND_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def _slot(i, j, block):
@@ -52,35 +60,47 @@ def _tile_indices(tiles):
 def _skew_kernel(q_ref, o_ref, *, block, tiles):
   r = tb.program_id(0)
   i, j = _tile_indices(tiles)
-  tb.store(o_ref.at[r, i, j], _skew_tile(q_ref, r, i, j, block))
+  tb.store(o_ref.at[r, i, j], _skew_tile(q_ref, r, i, j, block).astype(o_ref.dtype))
+
+
+def _f32(ref_at):
+  return tb.load(ref_at).astype(jnp.float32)
+
+
+def _reduce(tiles, block, step):
+  """`Σ_k step(k)` over the block's inner dimension, a `side x side` float32 tile."""
+  init = jnp.zeros((tiles.side, tiles.side), jnp.float32)
+  return jax.lax.fori_loop(0, block // tiles.depth, lambda k, acc: acc + step(k), init)
+
+
+def _inner(k, tiles):
+  return k * tiles.depth + jnp.arange(tiles.depth)
 
 
 def _square_kernel(q_ref, o_ref, *, block, tiles, precision):
   r = tb.program_id(0)
   i, j = _tile_indices(tiles)
 
-  def step(k, acc):
-    inner = k * tiles.depth + jnp.arange(tiles.depth)
-    left = tb.load(q_ref.at[r, i, inner[None, :]])
-    right = tb.load(q_ref.at[r, inner[:, None], j])
-    return acc + tb.dot(left, right, precision)
+  def step(k):
+    inner = _inner(k, tiles)
+    return tb.dot(tb.load(q_ref.at[r, i, inner[None, :]]), tb.load(q_ref.at[r, inner[:, None], j]), precision)
 
-  acc = jax.lax.fori_loop(0, block // tiles.depth, step, jnp.zeros((tiles.side, tiles.side), jnp.float32))
-  tb.store(o_ref.at[r, i, j], acc)
+  tb.store(o_ref.at[r, i, j], _reduce(tiles, block, step).astype(o_ref.dtype))
 
 
-def _neumann_kernel(q_ref, q2_ref, o_ref, *, block, tiles, precision):
+def _neumann_kernel(packed_ref, q_ref, q2_ref, o_ref, *, block, tiles, precision):
   r = tb.program_id(0)
   i, j = _tile_indices(tiles)
 
-  def step(k, acc):
-    inner = k * tiles.depth + jnp.arange(tiles.depth)
-    q2_left = tb.load(q2_ref.at[r, i, inner[None, :]])
-    poly = 2.0 * tb.load(q_ref.at[r, inner[:, None], j]) + tb.load(q2_ref.at[r, inner[:, None], j])
-    return acc + tb.dot(q2_left, poly, precision)
+  def step(k):
+    inner = _inner(k, tiles)
+    poly = 2.0 * _f32(q_ref.at[r, inner[:, None], j]) + _f32(q2_ref.at[r, inner[:, None], j])
+    return tb.dot(tb.load(q2_ref.at[r, i, inner[None, :]]), poly.astype(q_ref.dtype), precision)
 
-  acc = jax.lax.fori_loop(0, block // tiles.depth, step, jnp.zeros((tiles.side, tiles.side), jnp.float32))
-  g = acc + 2.0 * (tb.load(q_ref.at[r, i, j]) + tb.load(q2_ref.at[r, i, j])) + jnp.where(i == j, 1.0, 0.0)
+  acc = _reduce(tiles, block, step)
+  # 2Q from the packed float32 vector: bfloat16 operands round only the Q² terms.
+  exact_q = _skew_tile(packed_ref, r, i, j, block)
+  g = acc + 2.0 * (exact_q + _f32(q2_ref.at[r, i, j])) + jnp.where(i == j, 1.0, 0.0)
   tb.store(o_ref.at[r, i, j], g)
 
 
@@ -89,41 +109,43 @@ def _grad2_kernel(q_ref, dg_ref, o_ref, *, block, tiles, precision):
   r = tb.program_id(0)
   i, j = _tile_indices(tiles)
 
-  def step(k, acc):
-    inner = k * tiles.depth + jnp.arange(tiles.depth)
-    dg_left = tb.load(dg_ref.at[r, i, inner[None, :]])
-    q_right = tb.load(q_ref.at[r, inner[:, None], j])
-    q_left = tb.load(q_ref.at[r, i, inner[None, :]])
-    dg_right = tb.load(dg_ref.at[r, inner[:, None], j])
-    return acc + tb.dot(dg_left, q_right, precision) + tb.dot(q_left, dg_right, precision)
-
-  acc = jax.lax.fori_loop(0, block // tiles.depth, step, jnp.zeros((tiles.side, tiles.side), jnp.float32))
-  tb.store(o_ref.at[r, i, j], -acc)
-
-
-def _dq_tile(q_ref, dg_ref, q2_ref, g2_ref, r, i, j, block, tiles, precision):
-  """`dQ[i, j] = ((∇2 + 2dG)·Q2 + (Q2 − 2Q)·∇2)[i, j] + 2(dG + ∇2)[i, j]`."""
-
-  def step(k, acc):
-    inner = k * tiles.depth + jnp.arange(tiles.depth)
+  def step(k):
+    inner = _inner(k, tiles)
     row_k, col_k = inner[None, :], inner[:, None]
-    left1 = tb.load(g2_ref.at[r, i, row_k]) + 2.0 * tb.load(dg_ref.at[r, i, row_k])
-    left2 = tb.load(q2_ref.at[r, i, row_k]) - 2.0 * tb.load(q_ref.at[r, i, row_k])
-    acc = acc + tb.dot(left1, tb.load(q2_ref.at[r, col_k, j]), precision)
-    return acc + tb.dot(left2, tb.load(g2_ref.at[r, col_k, j]), precision)
+    return tb.dot(tb.load(dg_ref.at[r, i, row_k]), tb.load(q_ref.at[r, col_k, j]), precision) + tb.dot(
+        tb.load(q_ref.at[r, i, row_k]), tb.load(dg_ref.at[r, col_k, j]), precision
+    )
 
-  acc = jax.lax.fori_loop(0, block // tiles.depth, step, jnp.zeros((tiles.side, tiles.side), jnp.float32))
-  return acc + 2.0 * (tb.load(dg_ref.at[r, i, j]) + tb.load(g2_ref.at[r, i, j]))
+  tb.store(o_ref.at[r, i, j], (-_reduce(tiles, block, step)).astype(o_ref.dtype))
 
 
-def _dq_kernel(pair_rows_ref, pair_cols_ref, q_ref, dg_ref, q2_ref, g2_ref, o_ref, *, block, tiles, precision):
-  # q_ref holds the dense Q here.
+def _dense_dq_kernel(q_ref, dg_ref, q2_ref, g2_ref, dg32_ref, o_ref, *, block, tiles, precision):
+  """`dQ = (∇2 + 2dG)·Q2 + (Q2 − 2Q)·∇2 + 2(dG + ∇2)`, one `side x side` tile, float32."""
+  r = tb.program_id(0)
+  i, j = _tile_indices(tiles)
+  operand = q_ref.dtype
+
+  def step(k):
+    inner = _inner(k, tiles)
+    row_k, col_k = inner[None, :], inner[:, None]
+    left1 = (_f32(g2_ref.at[r, i, row_k]) + 2.0 * _f32(dg_ref.at[r, i, row_k])).astype(operand)
+    left2 = (_f32(q2_ref.at[r, i, row_k]) - 2.0 * _f32(q_ref.at[r, i, row_k])).astype(operand)
+    return tb.dot(left1, tb.load(q2_ref.at[r, col_k, j]), precision) + tb.dot(
+        left2, tb.load(g2_ref.at[r, col_k, j]), precision
+    )
+
+  acc = _reduce(tiles, block, step)
+  tb.store(o_ref.at[r, i, j], acc + 2.0 * (tb.load(dg32_ref.at[r, i, j]) + _f32(g2_ref.at[r, i, j])))
+
+
+def _pack_kernel(pair_rows_ref, pair_cols_ref, dq_ref, o_ref, *, block, tiles):
+  """`dq[slot(i, j)] = dQ[i, j] − dQ[j, i]` for `i < j`, from a pair of mirrored tiles."""
   r, pair = tb.program_id(0), tb.program_id(1)
   m, n = tb.load(pair_rows_ref.at[pair]), tb.load(pair_cols_ref.at[pair])
   span = jnp.arange(tiles.side)
   i, j = (m * tiles.side + span)[:, None], (n * tiles.side + span)[None, :]
-  ij = _dq_tile(q_ref, dg_ref, q2_ref, g2_ref, r, i, j, block, tiles, precision)
-  ji = _dq_tile(q_ref, dg_ref, q2_ref, g2_ref, r, j.T, i.T, block, tiles, precision)
+  ij = tb.load(dq_ref.at[r, i, j])
+  ji = tb.load(dq_ref.at[r, j.T, i.T])
   upper = i < j
   # Lanes off the strict upper triangle aim at the spare slot E (sliced off by the
   # caller): no two lanes of a store ever share an address, masked or not.
@@ -133,79 +155,93 @@ def _dq_kernel(pair_rows_ref, pair_cols_ref, q_ref, dg_ref, q2_ref, g2_ref, o_re
 
 def _call(kernel, out_shape, grid, tiles, name, interpret, *args):
   return tb.pallas_call(
-      kernel, grid=grid, out_shape=out_shape, name=name, interpret=interpret, num_warps=tiles.num_warps
+      kernel, grid=grid, out_shape=out_shape, name=name, interpret=interpret,
+      num_warps=tiles.num_warps, num_stages=tiles.num_stages,
   )(*args)
 
 
-def _square_blocks(fn, name, q_RxE, block, tiles, interpret, *args):
+def _square_blocks(fn, name, num_blocks, block, tiles, interpret, out_dtype, *args):
   """Launches a kernel with one program per `side x side` tile of each `B x B` block."""
-  num_blocks, side = q_RxE.shape[0], block // tiles.side
-  out = jax.ShapeDtypeStruct((num_blocks, block, block), jnp.float32)
+  side = block // tiles.side
+  out = jax.ShapeDtypeStruct((num_blocks, block, block), out_dtype)
   return _call(functools.partial(fn, block=block, tiles=tiles), out, (num_blocks, side, side), tiles, name, interpret, *args)
 
 
-def _dense_skew_and_square(q_RxE, block, precision, interpret):
-  tiles = block_sizes.cayley_tiles(block)
-  q = _square_blocks(_skew_kernel, "poetx_cayley_skew", q_RxE, block, tiles, interpret, q_RxE)
+def _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles):
+  r = q_RxE.shape[0]
+  q = _square_blocks(_skew_kernel, "poetx_cayley_skew", r, block, tiles, interpret, operand_dtype, q_RxE)
   square = functools.partial(_square_kernel, precision=precision)
-  return tiles, q, _square_blocks(square, "poetx_cayley_square", q_RxE, block, tiles, interpret, q)
+  return q, _square_blocks(square, "poetx_cayley_square", r, block, tiles, interpret, operand_dtype, q)
 
 
-def _forward(q_RxE, block, precision, interpret):
-  tiles, q, q2 = _dense_skew_and_square(q_RxE, block, precision, interpret)
+def _forward(q_RxE, block, operand_dtype, precision, interpret, tiles=None):
+  tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype)
+  q, q2 = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles)
   neumann = functools.partial(_neumann_kernel, precision=precision)
-  return _square_blocks(neumann, "poetx_cayley_neumann", q_RxE, block, tiles, interpret, q, q2)
+  return _square_blocks(neumann, "poetx_cayley_neumann", q_RxE.shape[0], block, tiles, interpret, jnp.float32, q_RxE, q, q2)
 
 
-def _backward(q_RxE, dg_RxBxB, block, precision, interpret):
-  tiles, q, q2 = _dense_skew_and_square(q_RxE, block, precision, interpret)
-  grad2 = functools.partial(_grad2_kernel, precision=precision)
-  g2 = _square_blocks(grad2, "poetx_cayley_grad2", q_RxE, block, tiles, interpret, q, dg_RxBxB)
-  pair_tiles = block_sizes.cayley_pair_tiles(block)
-  side = block // pair_tiles.side
+def _pack(dq_RxBxB, block, interpret):
+  tiles = block_sizes.cayley_pack_tiles(block)
+  side = block // tiles.side
   pair_rows, pair_cols = (jnp.asarray(a, jnp.int32) for a in np.triu_indices(side))
-  kernel = functools.partial(_dq_kernel, block=block, tiles=pair_tiles, precision=precision)
-  out = jax.ShapeDtypeStruct((q_RxE.shape[0], q_RxE.shape[1] + 1), jnp.float32)
-  dq_padded = _call(
-      kernel, out, (q_RxE.shape[0], pair_rows.shape[0]), pair_tiles, "poetx_cayley_dq", interpret,
-      pair_rows, pair_cols, q, dg_RxBxB, q2, g2,
-  )
-  return dq_padded[:, :-1]
+  kernel = functools.partial(_pack_kernel, block=block, tiles=tiles)
+  out = jax.ShapeDtypeStruct((dq_RxBxB.shape[0], skew.packed_size(block) + 1), jnp.float32)
+  grid = (dq_RxBxB.shape[0], pair_rows.shape[0])
+  return _call(kernel, out, grid, tiles, "poetx_cayley_pack", interpret, pair_rows, pair_cols, dq_RxBxB)[:, :-1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _cayley(q_RxE, block, precision, interpret):
-  return _forward(q_RxE, block, precision, interpret)
+def _backward(q_RxE, dg_RxBxB, block, operand_dtype, precision, interpret, tiles=None):
+  tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype)
+  r = q_RxE.shape[0]
+  q, q2 = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles)
+  dg_operand = dg_RxBxB.astype(operand_dtype)
+  grad2 = functools.partial(_grad2_kernel, precision=precision)
+  g2 = _square_blocks(grad2, "poetx_cayley_grad2", r, block, tiles, interpret, operand_dtype, q, dg_operand)
+  dense = functools.partial(_dense_dq_kernel, precision=precision)
+  dq_RxBxB = _square_blocks(dense, "poetx_cayley_dq", r, block, tiles, interpret, jnp.float32, q, dg_operand, q2, g2, dg_RxBxB)
+  return _pack(dq_RxBxB, block, interpret)
 
 
-def _cayley_fwd(q_RxE, block, precision, interpret):
-  return _forward(q_RxE, block, precision, interpret), q_RxE
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _cayley(q_RxE, block, operand_dtype, precision, interpret):
+  return _forward(q_RxE, block, operand_dtype, precision, interpret)
 
 
-def _cayley_bwd(block, precision, interpret, q_RxE, dg_RxBxB):
-  return (_backward(q_RxE, dg_RxBxB.astype(jnp.float32), block, precision, interpret),)
+def _cayley_fwd(q_RxE, block, operand_dtype, precision, interpret):
+  return _forward(q_RxE, block, operand_dtype, precision, interpret), q_RxE
+
+
+def _cayley_bwd(block, operand_dtype, precision, interpret, q_RxE, dg_RxBxB):
+  return (_backward(q_RxE, dg_RxBxB.astype(jnp.float32), block, operand_dtype, precision, interpret),)
 
 
 _cayley.defvjp(_cayley_fwd, _cayley_bwd)
 
 
-def cayley_neumann(q_RxE, block_size: int, *, precision=None, interpret: bool = False):
+def cayley_neumann(q_RxE, block_size: int, *, operand_dtype=jnp.float32, precision=None, interpret: bool = False):
   """`G = I + 2Q + 2Q² + 2Q³ + Q⁴` from packed generators, with the fused backward.
 
   Args:
     q_RxE: `(R, E)` packed strict upper triangles (row-major), `E = B(B-1)/2`.
     block_size: `B`, a power of two >= 16.
-    precision: of the tile products (None: TF32 on GPUs; HIGHEST: IEEE float32).
+    operand_dtype: float32 or bfloat16: the dtype the block products read (see the
+      module docstring); accumulation, `G` and the gradient stay float32.
+    precision: of float32 tile products (None: TF32 on GPUs; HIGHEST: IEEE float32).
     interpret: run in the Pallas interpreter.
 
   Returns:
     `(R, B, B)` float32.
 
   Raises:
-    ValueError: for a block size the tiles cannot cover or a mismatched `E`.
+    ValueError: for a block size the tiles cannot cover, a mismatched `E` or an
+      unsupported operand dtype.
   """
   if block_size < 16 or block_size & (block_size - 1):
     raise ValueError(f"the Pallas Cayley–Neumann kernel needs a power-of-two block size >= 16, got {block_size}.")
   if q_RxE.ndim != 2 or q_RxE.shape[-1] != skew.packed_size(block_size):
     raise ValueError(f"q must be (R, {skew.packed_size(block_size)}) for block size {block_size}, got {q_RxE.shape}.")
-  return _cayley(q_RxE.astype(jnp.float32), block_size, precision, interpret)
+  operand_dtype = jnp.dtype(operand_dtype)
+  if operand_dtype not in OPERAND_DTYPES:
+    raise ValueError(f"operand_dtype must be float32 or bfloat16, got {operand_dtype}.")
+  return _cayley(q_RxE.astype(jnp.float32), block_size, operand_dtype, precision, interpret)
