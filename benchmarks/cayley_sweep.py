@@ -4,8 +4,8 @@
 
 One table: for each (b, blocks), the XLA map (DEFAULT precision) and the Pallas
 kernels over a few tilings (side, depth, warps, stages), in float32 and bfloat16
-operands; median ms of the forward and of the backward alone (the backward
-recomputes `Q` and `Q²`). A tiling Triton cannot compile (shared memory) prints why.
+operands; device µs (profiler trace) of the forward and of the backward alone (the
+backward recomputes `Q` and `Q²`). A tiling Triton cannot compile (shared memory) prints why.
 """
 
 from __future__ import annotations
@@ -15,19 +15,16 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from benchmarks import timing
+from benchmarks import kernel_profile
 from poetx_jax import cayley, skew
 from poetx_jax.kernels import block_sizes
 from poetx_jax.kernels import cayley_neumann as cn
 
-TILINGS = (
-    block_sizes.CayleyTiles(128, 32, 8, 2),
-    block_sizes.CayleyTiles(128, 64, 8, 2),
-    block_sizes.CayleyTiles(128, 64, 8, 3),
-    block_sizes.CayleyTiles(64, 64, 4, 2),
-    block_sizes.CayleyTiles(64, 64, 4, 3),
-    block_sizes.CayleyTiles(128, 128, 8, 1),
-)
+C = block_sizes.CayleyTiles
+TILINGS = {
+    "float32": (C(128, 64, 8, 2), C(64, 64, 4, 2)),
+    "bfloat16": (C(128, 64, 8, 3), C(128, 64, 8, 4), C(128, 32, 8, 4), C(128, 128, 8, 2), C(64, 64, 4, 3)),
+}
 CASES = ((256, 72), (256, 320), (512, 64), (512, 160))
 
 
@@ -45,21 +42,22 @@ def main(argv=None):
     default = jax.lax.Precision.DEFAULT
     fwd = jax.jit(lambda q, g: cayley.cayley_neumann(q, block, 3, default))
     bwd = jax.jit(lambda q, g: jax.vjp(lambda v: cayley.cayley_neumann(v, block, 3, default), q)[1](g))
-    print(f"b={block:<4} blocks={blocks:<4} xla DEFAULT                  fwd {timing.time_ms(fwd, sets):7.3f}"
-          f"  fwd+bwd {timing.time_ms(bwd, sets):7.3f} ms", flush=True)
-    for dtype in (jnp.float32, jnp.bfloat16):
-      for tiles in TILINGS:
+    f_us, b_us = kernel_profile.device_us(fwd, sets), kernel_profile.device_us(bwd, sets)
+    print(f"b={block:<4} blocks={blocks:<4} xla DEFAULT (fwd+bwd via autodiff of the closed form)"
+          f"  fwd {f_us:7.1f}  fwd+bwd {b_us:7.1f} µs", flush=True)
+    for dtype, tilings in TILINGS.items():
+      for tiles in tilings:
         if tiles.side > block or tiles.depth > block:
           continue
         fwd = jax.jit(lambda q, g, t=tiles, d=dtype: cn._forward(q, block, jnp.dtype(d), None, False, t))  # pylint: disable=protected-access
         bwd = jax.jit(lambda q, g, t=tiles, d=dtype: cn._backward(q, g, block, jnp.dtype(d), None, False, t))  # pylint: disable=protected-access
-        label = f"{jnp.dtype(dtype).name:<8} side {tiles.side:<3} depth {tiles.depth:<3} w{tiles.num_warps} s{tiles.num_stages}"
+        label = f"{dtype:<8} side {tiles.side:<3} depth {tiles.depth:<3} w{tiles.num_warps} s{tiles.num_stages}"
         try:
-          f_ms, b_ms = timing.time_ms(fwd, sets), timing.time_ms(bwd, sets)
+          f_us, b_us = kernel_profile.device_us(fwd, sets), kernel_profile.device_us(bwd, sets)
         except Exception as err:  # pylint: disable=broad-except  (report and go on)
           print(f"b={block:<4} blocks={blocks:<4} {label}  failed: {str(err).splitlines()[0][:90]}", flush=True)
           continue
-        print(f"b={block:<4} blocks={blocks:<4} {label}  fwd {f_ms:7.3f}  bwd {b_ms:7.3f}  fwd+bwd {f_ms + b_ms:7.3f} ms", flush=True)
+        print(f"b={block:<4} blocks={blocks:<4} {label}  fwd {f_us:7.1f}  bwd {b_us:7.1f}  fwd+bwd {f_us + b_us:7.1f} µs", flush=True)
 
 
 if __name__ == "__main__":

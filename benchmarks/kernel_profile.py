@@ -47,14 +47,15 @@ def device_kernels(trace_path: str) -> list[tuple[str, float]]:
   return kernels
 
 
-def profile(fn, args, calls: int) -> list[tuple[str, int, float]]:
-  """(kernel, launches per call, µs per call), longest first."""
-  for _ in range(3):
-    jax.block_until_ready(fn(*args))
+def profile(fn, args, calls: int, input_sets=None) -> list[tuple[str, int, float]]:
+  """(kernel, launches per call, µs per call), longest first; `input_sets` rotate if given."""
+  input_sets = input_sets or [args]
+  for i in range(3):
+    jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
   with tempfile.TemporaryDirectory() as log_dir:
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-      for _ in range(calls):
-        jax.block_until_ready(fn(*args))
+      for i in range(calls):
+        jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
     (path,) = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     kernels = device_kernels(path)
   count, total = collections.Counter(), collections.Counter()
@@ -62,6 +63,11 @@ def profile(fn, args, calls: int) -> list[tuple[str, int, float]]:
     count[name] += 1
     total[name] += dur
   return sorted(((n, count[n] / calls, total[n] / calls) for n in count), key=lambda r: -r[2])
+
+
+def device_us(fn, input_sets, calls: int = 12) -> float:
+  """Device microseconds per call of `fn` (all its kernels), inputs rotating: no host overhead."""
+  return sum(us for _, _, us in profile(fn, input_sets[0], calls, input_sets))
 
 
 def main(argv=None):

@@ -1,48 +1,77 @@
-"""Tile sizes of the block-rotation kernel, timed side by side on the GPU.
+"""Tiles of the block-rotation and outer-sum kernels, timed side by side on the GPU.
 
   python -m benchmarks.rotation_sweep
 
-Feeds `block_sizes.rotation_tiles`: each row is one candidate, forward only, at the
-two Llama-8B MLP widths (N = 2048 tokens, b = 256, bf16), gather and scatter forms.
+Feeds `block_sizes.rotation_tiles` and `outer_sum_tiles`: each row is one candidate
+at the Llama-8B MLP widths (N = 2048 tokens, bf16, b = 256 and 512), timed as device
+microseconds from a profiler trace (`benchmarks.kernel_profile.device_us`), so small
+kernels are not hidden behind host dispatch. Gather and scatter forms of the rotation.
 """
 
 from __future__ import annotations
 
+import argparse
+
 import jax
 import jax.numpy as jnp
 
-from benchmarks import timing
-from poetx_jax.kernels import block_rotation, block_sizes
+from benchmarks import kernel_profile
+from poetx_jax.kernels import block_outer_sum, block_rotation, block_sizes
 
-CANDIDATES = (
-    block_sizes.RotationTiles(rows=256, tokens=64, depth=32, num_warps=8),
-    block_sizes.RotationTiles(rows=256, tokens=128, depth=32, num_warps=8),
-    block_sizes.RotationTiles(rows=256, tokens=128, depth=32, num_warps=16),
-    block_sizes.RotationTiles(rows=128, tokens=128, depth=32, num_warps=8),
-    block_sizes.RotationTiles(rows=128, tokens=128, depth=64, num_warps=8),
-    block_sizes.RotationTiles(rows=128, tokens=64, depth=64, num_warps=4),
+R = block_sizes.RotationTiles
+ROTATIONS = (
+    R(rows=128, tokens=128, depth=64, num_warps=8),
+    R(rows=128, tokens=128, depth=64, num_warps=8, num_stages=3),
+    R(rows=128, tokens=128, depth=64, num_warps=8, num_stages=4),
+    R(rows=128, tokens=64, depth=64, num_warps=4, num_stages=3),
+    R(rows=256, tokens=64, depth=64, num_warps=8, num_stages=3),
+    R(rows=128, tokens=256, depth=32, num_warps=8, num_stages=3),
+)
+O = block_sizes.OuterSumTiles
+OUTER_SUMS = (
+    O(rows=128, cols=128, depth=64, num_warps=8),
+    O(rows=128, cols=128, depth=64, num_warps=8, num_stages=3),
+    O(rows=128, cols=128, depth=128, num_warps=8, num_stages=3),
+    O(rows=128, cols=128, depth=64, num_warps=8, num_stages=4),
+    O(rows=64, cols=128, depth=64, num_warps=4, num_stages=3),
 )
 
 
-def main():
+def _report(label, fn, sets):
+  try:
+    print(f"  {label}  {kernel_profile.device_us(fn, sets):7.1f} µs", flush=True)
+  except Exception as err:  # pylint: disable=broad-except  (report and go on)
+    print(f"  {label}  failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--widths", default="14336,4096")
+  parser.add_argument("--blocks", default="256,512")
+  args = parser.parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind}", flush=True)
-  for d in (14336, 4096):
-    block, tokens = 256, 2048
-    sets = []
-    for s in range(4):
-      k1, k2, k3 = jax.random.split(jax.random.key(s), 3)
-      sets.append((jax.random.normal(k1, (d, tokens), jnp.bfloat16),
-                   (jax.random.normal(k2, (d // block, block, block)) / 16).astype(jnp.bfloat16),
-                   jax.random.permutation(k3, d).astype(jnp.int32)))
-    floor_ms = 2 * d * tokens * 2 / 3.0e12 * 1e3
-    print(f"D={d} N={tokens} b={block}: memory floor {floor_ms:.3f} ms (read + write at 3 TB/s)")
-    for tiles in CANDIDATES:
-      gather = jax.jit(lambda a, g, p, t=tiles: block_rotation._launch(a, g, p, None, False, False, t))  # pylint: disable=protected-access
-      scatter = jax.jit(lambda a, g, p, t=tiles: block_rotation._launch(a, g, None, p, False, False, t))  # pylint: disable=protected-access
-      try:
-        print(f"  {tiles}  gather {timing.time_ms(gather, sets):.3f} ms  scatter {timing.time_ms(scatter, sets):.3f} ms", flush=True)
-      except Exception as err:  # pylint: disable=broad-except
-        print(f"  {tiles}  failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+  tokens = 2048
+  for d in (int(w) for w in args.widths.split(",")):
+    for block in (int(b) for b in args.blocks.split(",")):
+      sets = []
+      for s in range(3):
+        k1, k2, k3, k4 = jax.random.split(jax.random.key(s), 4)
+        sets.append((jax.random.normal(k1, (d, tokens), jnp.bfloat16),
+                     (jax.random.normal(k2, (d // block, block, block)) / 16).astype(jnp.bfloat16),
+                     jax.random.permutation(k3, d).astype(jnp.int32),
+                     jax.random.normal(k4, (d, tokens), jnp.bfloat16)))
+      floor_us = 2 * d * tokens * 2 / 3.0e12 * 1e6
+      print(f"D={d} N={tokens} b={block}: rotation memory floor {floor_us:.1f} µs, outer sum the same (two reads)")
+      for t in ROTATIONS:
+        if t.rows > block:
+          continue
+        gather = jax.jit(lambda a, g, p, b, t=t: block_rotation._launch(a, g, p, None, False, False, t))  # pylint: disable=protected-access
+        scatter = jax.jit(lambda a, g, p, b, t=t: block_rotation._launch(a, g, None, p, False, False, t))  # pylint: disable=protected-access
+        _report(f"rotate gather  {t}", gather, sets)
+        _report(f"rotate scatter {t}", scatter, sets)
+      for t in OUTER_SUMS:
+        outer = jax.jit(lambda a, g, p, b, t=t: block_outer_sum._launch(a, None, b, p, block, False, t))  # pylint: disable=protected-access
+        _report(f"outer sum      {t}", outer, sets)
 
 
 if __name__ == "__main__":

@@ -56,12 +56,12 @@ def _kernel(*refs, block, tokens_total, tiles, gather_a, gather_g):
   tb.store(o_ref.at[r, rows[:, None], cols[None, :]], acc)
 
 
-def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret):
+def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles=None):
   d, n = a_DxN.shape
   if g_DxN.shape != a_DxN.shape or d % block_size:
     raise ValueError(f"need two (D, N) arrays with D divisible by {block_size}; got {a_DxN.shape} and {g_DxN.shape}.")
   num_blocks = d // block_size
-  tiles = block_sizes.outer_sum_tiles(block_size, n)
+  tiles = tiles or block_sizes.outer_sum_tiles(block_size, n)
   kernel = functools.partial(
       _kernel, block=block_size, tokens_total=n, tiles=tiles, gather_a=perm_a is not None, gather_g=perm_g is not None
   )
@@ -73,6 +73,7 @@ def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret):
       name="poetx_block_outer_sum",
       interpret=interpret,
       num_warps=tiles.num_warps,
+      num_stages=tiles.num_stages,
   )
   return call(*perms, a_DxN, g_DxN)
 

@@ -87,6 +87,7 @@ def _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, tiles=None):
       name="poetx_block_rotate",
       interpret=interpret,
       num_warps=tiles.num_warps,
+      num_stages=tiles.num_stages,
   )
   return call(*perms, a_DxN, g_RxBxB)
 

@@ -18,6 +18,7 @@ class RotationTiles:
   tokens: int  # tokens per program
   depth: int  # reduction chunk over the block's B inputs
   num_warps: int
+  num_stages: int = 2  # software-pipelined loads of the reduction loop
 
 
 def rotation_tiles(block_size: int, tokens: int) -> RotationTiles:
@@ -40,6 +41,7 @@ class OuterSumTiles:
   cols: int  # rows of g per program
   depth: int  # tokens per reduction step
   num_warps: int
+  num_stages: int = 2
 
 
 def outer_sum_tiles(block_size: int, tokens: int) -> OuterSumTiles:
@@ -59,13 +61,17 @@ class CayleyTiles:
 def cayley_tiles(block_size: int, operand_dtype="float32") -> CayleyTiles:
   """Tiles of the unpack / square / Neumann / ∇2 / dense dQ kernels.
 
-  128 x 128 float32 outputs over 8 warps (64 registers per thread) for large blocks:
-  fewer programs re-read fewer operand tiles; small blocks use one tile per block.
-  Two-byte operands take twice the reduction depth for the same bytes per step.
+  Measured on the H100 (benchmarks/cayley_sweep.py; benchmarks/results/raw/run10_cayley_sweep.txt):
+  128 x 128 float32 outputs over 8 warps (64 registers per thread) with a reduction
+  depth of 64 were fastest or within 1% at b = 256 (72 and 320 blocks) and b = 512
+  (64 and 160 blocks). bfloat16 operands fit a third pipeline stage (forward+backward
+  0.845 against 0.879 ms at b = 256 x 320 blocks); float32 ones do not (the dQ kernel
+  asks for 288 KiB of shared memory). 64 x 64 tiles won only for few blocks (0.208
+  against 0.210 ms at 72 blocks) and lost by 35% at 320. Small blocks use one tile.
   """
   side = min(block_size, 128)
-  depth = 64 if np.dtype(operand_dtype).itemsize == 2 else 32
-  return CayleyTiles(side=side, depth=min(depth, block_size), num_warps=8 if side >= 128 else 4)
+  two_byte = np.dtype(operand_dtype).itemsize == 2
+  return CayleyTiles(side=side, depth=min(64, block_size), num_warps=8 if side >= 128 else 4, num_stages=3 if two_byte else 2)
 
 
 def cayley_pack_tiles(block_size: int) -> CayleyTiles:

@@ -44,11 +44,18 @@ def _slot(i, j, block):
 
 
 def _skew_tile(q_ref, r, i, j, block):
-  """`Q_r[i, j]` for broadcastable index arrays, read from the packed vector."""
-  off_diagonal = i != j
-  slot = jnp.where(off_diagonal, _slot(i, j, block), 0)
-  value = tb.load(q_ref.at[r, slot], mask=off_diagonal, other=0.0)
-  return jnp.where(i < j, value, -value)
+  """`Q_r[i, j]` for a tile (`i` a column of row indices, `j` a row of column indices).
+
+  Above the diagonal the packed slots run along `j`; below it (`Q[i, j] = −q[slot(j, i)]`)
+  they run along `i`, so that half is loaded as the tile's transpose: both loads
+  read contiguous runs, and off the diagonal one of them is fully masked.
+  """
+  upper = i < j
+  above = tb.load(q_ref.at[r, jnp.where(upper, _slot(i, j, block), 0)], mask=upper, other=0.0)
+  i_t, j_t = i.T, j.T  # a row of row indices, a column of column indices
+  lower_t = j_t < i_t
+  below_t = tb.load(q_ref.at[r, jnp.where(lower_t, _slot(j_t, i_t, block), 0)], mask=lower_t, other=0.0)
+  return above - below_t.T
 
 
 def _tile_indices(tiles):
