@@ -29,10 +29,12 @@ def rotation_tiles(block_size: int, tokens: int) -> RotationTiles:
   reduction depth of 64 and 8 warps ran 0.081 / 0.072 ms (gather / scatter form)
   at D = 14336, against 0.096 / 0.089 ms for 256 x 64 x 32, the first guess.
   128 x 128 float32 accumulators over 8 warps are 64 registers per thread. Short
-  inputs use fewer tokens per program.
+  inputs use fewer tokens per program. A third pipeline stage, timed as device time
+  (raw/run11_rotation_sweep.txt): scatter form 57.9 against 63.2 µs at b = 256, and
+  102 / 86 against 111 / 99 µs (gather / scatter) at b = 512; a fourth stage lost.
   """
   token_tile = min(128, max(16, _next_pow2(tokens)))
-  return RotationTiles(rows=min(block_size, 128), tokens=token_tile, depth=min(64, block_size), num_warps=8)
+  return RotationTiles(rows=min(block_size, 128), tokens=token_tile, depth=min(64, block_size), num_warps=8, num_stages=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,17 +47,27 @@ class OuterSumTiles:
 
 
 def outer_sum_tiles(block_size: int, tokens: int) -> OuterSumTiles:
-  """Tiles of `gathered_block_outer_sum`: 128 x 128 float32 partials (64 regs/thread at 8 warps)."""
+  """Tiles of `gathered_block_outer_sum`: 128 x 128 float32 partials (64 regs/thread at 8 warps).
+
+  Three pipeline stages over 64-token steps (raw/run11_rotation_sweep.txt, D = 14336,
+  N = 2048): 53.7 against 58.0 µs with two stages at b = 256, 99.4 against 106 at
+  b = 512; 128-token steps, a fourth stage and 64-row tiles were all slower.
+  """
   side = min(block_size, 128)
-  return OuterSumTiles(rows=side, cols=side, depth=min(64, max(16, _next_pow2(tokens))), num_warps=8)
+  return OuterSumTiles(rows=side, cols=side, depth=min(64, max(16, _next_pow2(tokens))), num_warps=8, num_stages=3)
 
 
 @dataclasses.dataclass(frozen=True)
 class CayleyTiles:
-  side: int  # output tile is side x side
+  side: int  # output tile rows (and columns unless `cols` is set)
   depth: int  # reduction chunk
   num_warps: int
   num_stages: int = 2  # software-pipelined loads of the reduction loop
+  cols: int = 0  # output tile columns; 0: square tiles
+
+  @property
+  def width(self) -> int:
+    return self.cols or self.side
 
 
 def cayley_tiles(block_size: int, operand_dtype="float32") -> CayleyTiles:

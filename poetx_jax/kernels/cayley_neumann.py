@@ -60,7 +60,7 @@ def _skew_tile(q_ref, r, i, j, block):
 
 def _tile_indices(tiles):
   rows = tb.program_id(1) * tiles.side + jnp.arange(tiles.side)
-  cols = tb.program_id(2) * tiles.side + jnp.arange(tiles.side)
+  cols = tb.program_id(2) * tiles.width + jnp.arange(tiles.width)
   return rows[:, None], cols[None, :]
 
 
@@ -75,8 +75,8 @@ def _f32(ref_at):
 
 
 def _reduce(tiles, block, step):
-  """`Σ_k step(k)` over the block's inner dimension, a `side x side` float32 tile."""
-  init = jnp.zeros((tiles.side, tiles.side), jnp.float32)
+  """`Σ_k step(k)` over the block's inner dimension, a `side x width` float32 tile."""
+  init = jnp.zeros((tiles.side, tiles.width), jnp.float32)
   return jax.lax.fori_loop(0, block // tiles.depth, lambda k, acc: acc + step(k), init)
 
 
@@ -127,7 +127,7 @@ def _grad2_kernel(q_ref, dg_ref, o_ref, *, block, tiles, precision):
 
 
 def _dense_dq_kernel(q_ref, dg_ref, q2_ref, g2_ref, dg32_ref, o_ref, *, block, tiles, precision):
-  """`dQ = (∇2 + 2dG)·Q2 + (Q2 − 2Q)·∇2 + 2(dG + ∇2)`, one `side x side` tile, float32."""
+  """`dQ = (∇2 + 2dG)·Q2 + (Q2 − 2Q)·∇2 + 2(dG + ∇2)`, one `side x width` tile, float32."""
   r = tb.program_id(0)
   i, j = _tile_indices(tiles)
   operand = q_ref.dtype
@@ -168,10 +168,10 @@ def _call(kernel, out_shape, grid, tiles, name, interpret, *args):
 
 
 def _square_blocks(fn, name, num_blocks, block, tiles, interpret, out_dtype, *args):
-  """Launches a kernel with one program per `side x side` tile of each `B x B` block."""
-  side = block // tiles.side
+  """Launches a kernel with one program per `side x width` tile of each `B x B` block."""
   out = jax.ShapeDtypeStruct((num_blocks, block, block), out_dtype)
-  return _call(functools.partial(fn, block=block, tiles=tiles), out, (num_blocks, side, side), tiles, name, interpret, *args)
+  grid = (num_blocks, block // tiles.side, block // tiles.width)
+  return _call(functools.partial(fn, block=block, tiles=tiles), out, grid, tiles, name, interpret, *args)
 
 
 def _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles):
