@@ -79,7 +79,9 @@ def cayley_tiles(block_size: int, operand_dtype="float32") -> CayleyTiles:
   (64 and 160 blocks). bfloat16 operands fit a third pipeline stage (forward+backward
   0.845 against 0.879 ms at b = 256 x 320 blocks); float32 ones do not (the dQ kernel
   asks for 288 KiB of shared memory). 64 x 64 tiles won only for few blocks (0.208
-  against 0.210 ms at 72 blocks) and lost by 35% at 320. Small blocks use one tile.
+  against 0.210 ms at 72 blocks) and lost by 35% at 320. 128 x 256 tiles lost everywhere
+(raw/run12_cayley_rect_sweep.txt: 1154 against 869 µs at b = 256 x 320 blocks) or did
+not fit in shared memory. Small blocks use one tile.
   """
   side = min(block_size, 128)
   two_byte = np.dtype(operand_dtype).itemsize == 2
