@@ -74,8 +74,7 @@ def _poet_fns(block, variant, implementation):
   return fwd, jax.jit(fwd_bwd)
 
 
-def layer_records(impls, tokens=2048, sets=4, shapes=SHAPES, blocks=BLOCKS):
-  records = []
+def layer_records(impls, records, tokens=2048, sets=4, shapes=SHAPES, blocks=BLOCKS):
   key = jax.random.key(0)
   for d_in, d_out in shapes:
     for block in blocks:
@@ -106,8 +105,7 @@ def _out_and_vjp(fn, q, cot):
   return out, vjp(cot)
 
 
-def cayley_records(impls, blocks_list=CAYLEY_BLOCKS, sizes=BLOCKS, sets=4):
-  records = []
+def cayley_records(impls, records, blocks_list=CAYLEY_BLOCKS, sizes=BLOCKS, sets=4):
   for block in sizes:
     for blocks in blocks_list:
       inputs = []
@@ -128,17 +126,38 @@ def cayley_records(impls, blocks_list=CAYLEY_BLOCKS, sizes=BLOCKS, sets=4):
   return records
 
 
+class JsonRecords(list):
+  """Records that rewrite their JSON file after every append: a run cut short keeps its rows."""
+
+  def __init__(self, path, meta):
+    super().__init__()
+    self.path, self.meta = path, meta
+    if path:
+      os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+  def append(self, record):
+    super().append({**record, **self.meta})
+    if self.path:
+      with open(self.path, "w") as f:
+        json.dump(list(self), f, indent=1)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
-  parser.add_argument("--out", default=None, help="JSON output path")
+  parser.add_argument("--out", default=None, help="JSON output path (rewritten after every row)")
   parser.add_argument("--tokens", type=int, default=2048)
   parser.add_argument("--impls", default="xla,pallas_fast,pallas_mem", help="comma-separated POET-X rows besides dense")
+  parser.add_argument("--skip_layers", action="store_true")
   parser.add_argument("--skip_cayley", action="store_true")
+  parser.add_argument("--cayley_sizes", default="256,512")
   args = parser.parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+  meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "command": "python -m benchmarks.layer " + " ".join(sys.argv[1:])}
+  records = JsonRecords(args.out, meta)
   known = {"xla": ("fast", "xla"), "xla_mem": ("mem", "xla"), "pallas_fast": ("fast", "pallas"), "pallas_mem": ("mem", "pallas")}
   impls = {name: known[name] for name in args.impls.split(",") if name}
-  records = layer_records(impls, tokens=args.tokens)
+  if not args.skip_layers:
+    layer_records(impls, records, tokens=args.tokens)
   if not args.skip_cayley:
     cayley_impls = {"xla": lambda q, b: cayley.cayley_neumann(q, b, 3)}
     if any(i.startswith("pallas") for i in impls):
@@ -146,12 +165,7 @@ def main(argv=None):
       cayley_impls["xla_default"] = lambda q, b: cayley.cayley_neumann(q, b, 3, jax.lax.Precision.DEFAULT)
       cayley_impls["pallas"] = lambda q, b: cn.cayley_neumann(q, b)
       cayley_impls["pallas_bf16"] = lambda q, b: cn.cayley_neumann(q, b, operand_dtype=jnp.bfloat16)
-    records += cayley_records(cayley_impls)
-  if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "command": "python -m benchmarks.layer " + " ".join(sys.argv[1:])}
-    with open(args.out, "w") as f:
-      json.dump([{**r, **meta} for r in records], f, indent=1)
+    cayley_records(cayley_impls, records, sizes=tuple(int(b) for b in args.cayley_sizes.split(",")))
 
 
 if __name__ == "__main__":

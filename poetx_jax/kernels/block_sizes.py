@@ -75,8 +75,8 @@ def cayley_tiles(block_size: int, operand_dtype="float32") -> CayleyTiles:
 
   Measured on the H100 (benchmarks/cayley_sweep.py; benchmarks/results/raw/run10_cayley_sweep.txt):
   128 x 128 float32 outputs over 8 warps (64 registers per thread) with a reduction
-  depth of 64 were fastest or within 1% at b = 256 (72 and 320 blocks) and b = 512
-  (64 and 160 blocks). bfloat16 operands fit a third pipeline stage (forward+backward
+  depth of 64 were fastest or within 1% for bfloat16 operands at b = 256 (72 and 320
+  blocks) and b = 512 (64 and 160 blocks). bfloat16 operands fit a third pipeline stage (forward+backward
   0.845 against 0.879 ms at b = 256 x 320 blocks); float32 ones do not (the dQ kernel
   asks for 288 KiB of shared memory). 64 x 64 tiles won only for few blocks (0.208
   against 0.210 ms at 72 blocks) and lost by 35% at 320. 128 x 256 tiles lost everywhere
@@ -84,8 +84,12 @@ def cayley_tiles(block_size: int, operand_dtype="float32") -> CayleyTiles:
 not fit in shared memory. Small blocks use one tile.
   """
   side = min(block_size, 128)
-  two_byte = np.dtype(operand_dtype).itemsize == 2
-  return CayleyTiles(side=side, depth=min(64, block_size), num_warps=8 if side >= 128 else 4, num_stages=3 if two_byte else 2)
+  if np.dtype(operand_dtype).itemsize == 2:
+    return CayleyTiles(side=side, depth=min(64, block_size), num_warps=8 if side >= 128 else 4, num_stages=3)
+  # float32 keeps depth 32: 128 x 64 float32 steps were 3% faster in the sweep, but the
+  # compiled kernel tests failed with them at b = 128 and 256 (raw/run13_gpu_tests.txt;
+  # the cause was not established), and passed with depth 32.
+  return CayleyTiles(side=side, depth=min(32, block_size), num_warps=8 if side >= 128 else 4)
 
 
 def cayley_pack_tiles(block_size: int) -> CayleyTiles:
