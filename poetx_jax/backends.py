@@ -3,12 +3,12 @@
 A backend bundles the Cayley–Neumann map and the three data-path primitives of
 `rotation.py`. `"xla"` is plain jnp and runs anywhere; `"pallas"` is the Triton
 kernels of `poetx_jax.kernels` (GPU, or interpreted on any backend); None picks
-by measurement on the H100 (bf16): Pallas on a GPU for blocks up to 256 on layers at
-least 4096 wide on both sides, where its fused gathers beat XLA (fast variant 1.62 vs
-1.89 ms at 4096x14336, 0.76 vs 0.87 ms at 4096x4096, N = 2048;
-benchmarks/results/layer_h100.json); XLA otherwise: for larger blocks (2.82 vs 2.57 ms
-at b = 512), for narrow layers (a llama60m train step, widths 512 and 1280: 48.1 vs
-38.3 ms; benchmarks/results/raw/run8_compile_time.txt) and off-GPU.
+by measurement on the H100 (bf16, N = 2048; benchmarks/results/layer_h100.json):
+Pallas on a GPU wherever its kernels apply (power-of-two blocks of 16 or more),
+since it beat XLA at every measured shape and block size: fwd+bwd 1.23 against
+1.85 ms at 4096x14336, b = 256; 1.67 against 2.80 ms at b = 512; 0.40 against
+0.67 ms at 2048x5632; and a whole llama60m train step with widths 512 and 1280,
+22.7 against 23.9 ms (benchmarks/results/raw/run15_train_steps.txt). XLA elsewhere.
 """
 
 from __future__ import annotations
@@ -65,36 +65,35 @@ def _pallas_backend(interpret: bool) -> Backend:
   return pallas_backend.make_backend(interpret=interpret)
 
 
-# Where None picks Pallas on a GPU (see the module docstring): blocks up to this size ...
-PALLAS_MAX_AUTO_BLOCK = 256
-# ... on layers whose narrower side has at least this many features.
-PALLAS_MIN_AUTO_FEATURES = 4096
+def pallas_covers(block_size: int | None) -> bool:
+  """Whether the Pallas kernels handle this block size (their tiles are powers of two)."""
+  return block_size is None or (block_size >= 16 and block_size & (block_size - 1) == 0)
 
 
-def resolve(
-    implementation: str | None, *, interpret: bool = False, block_size: int | None = None, features: int | None = None
-) -> Backend:
+def resolve(implementation: str | None, *, interpret: bool = False, block_size: int | None = None) -> Backend:
   """The backend for an `implementation` setting.
 
   Args:
-    implementation: "xla", "pallas" or None (by measurement: Pallas on a GPU for
-      blocks up to 256 on layers at least 4096 wide, XLA otherwise).
+    implementation: "xla", "pallas" or None (Pallas on a GPU where its kernels apply,
+      XLA otherwise; see the module docstring).
     interpret: run the Pallas kernels in the Pallas interpreter (any backend, slow).
-    block_size: the layer's block size, for the choice None makes.
-    features: the narrower of the layer's two widths, for the choice None makes.
+    block_size: the layer's block size, which the Pallas kernels must cover.
 
   Raises:
-    ValueError: for an unknown implementation, or "pallas" off-GPU without `interpret`.
+    ValueError: for an unknown implementation, "pallas" off-GPU without `interpret`,
+      or "pallas" with a block size its kernels do not cover.
   """
   if implementation is None:
-    fits = (block_size is None or block_size <= PALLAS_MAX_AUTO_BLOCK) and (
-        features is None or features >= PALLAS_MIN_AUTO_FEATURES
-    )
-    implementation = "pallas" if interpret or (_on_gpu() and fits) else "xla"
+    implementation = "pallas" if pallas_covers(block_size) and (interpret or _on_gpu()) else "xla"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.")
   if implementation == "xla":
     return XLA
+  if not pallas_covers(block_size):
+    raise ValueError(
+        f"the Pallas kernels need a power-of-two block_size of at least 16, got {block_size};"
+        " change block_size or use implementation='xla'."
+    )
   if not interpret and not _on_gpu():
     raise ValueError(
         f"implementation='pallas' compiles Triton kernels for a GPU, but JAX's backend is"

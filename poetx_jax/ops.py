@@ -134,9 +134,7 @@ def poet_linear(
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
   check_shapes(x_NI.shape, base_kernel_IxO.shape, q_in_RxE.shape, q_out_RxE.shape, block_size)
-  backend = backends.resolve(
-      implementation, interpret=interpret, block_size=block_size, features=min(base_kernel_IxO.shape)
-  )
+  backend = backends.resolve(implementation, interpret=interpret, block_size=block_size)
   g_in, g_out = _both_sides_blocks(backend, q_in_RxE, q_out_RxE, block_size, neumann_terms, x_NI.dtype)
   lead_shape = x_NI.shape[:-1]
   x_2d = x_NI.reshape(-1, x_NI.shape[-1])
