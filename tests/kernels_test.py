@@ -212,3 +212,19 @@ def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_t
   }
   counts = {name: module.count(f'name = "{name}"') for name in expected}
   assert counts == expected
+
+
+def test_gemm_baseline_kernel_matches_xla_interpreted(rng):
+  """The Pallas GEMM that benchmarks/gemm_baseline.py times against XLA computes `K_sᵀ·xrᵀ`."""
+  from benchmarks import gemm_baseline
+
+  k = jnp.asarray(rng.standard_normal((64, 96)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)
+  tiles = gemm_baseline.GemmTiles(rows=32, tokens=16, depth=16, num_warps=4, num_stages=2)
+  got = gemm_baseline.pallas_kt_x(k, x, tiles, interpret=True)
+  assert relative_error(got, jnp.matmul(k.T, x, precision="highest")) < 2e-5
+  with pytest.raises(ValueError, match="not multiples"):
+    gemm_baseline.pallas_kt_x(k[:, :90], x, tiles, interpret=True)
+  for t in gemm_baseline.TILINGS:  # every timed tiling lowers for an H100
+    args = (jax.ShapeDtypeStruct((512, 512), jnp.bfloat16), jax.ShapeDtypeStruct((512, 256), jnp.bfloat16))
+    assert "poetx_gemm_baseline" in triton_backend.lower_for_h100(lambda a, b, t=t: gemm_baseline.pallas_kt_x(a, b, t), *args)

@@ -1,0 +1,103 @@
+"""Could the layer's rotations live in a Pallas GEMM's prologue or epilogue? The baseline.
+
+  python -m benchmarks.gemm_baseline
+
+Fusing the output rotation into the forward GEMM (`hᵀ = K_sᵀ·xrᵀ`, then `B x B`
+blocks of `hᵀ` rotated and scattered) would save one read and one write of `hᵀ`
+(the rotate-and-scatter kernel: 57–68 µs at 4096x14336, N = 2048, b = 256;
+`raw/run14_profile.txt`), but only in a GEMM we write ourselves in Pallas. So the
+question is first how far a Pallas (Triton) GEMM of that shape stands from XLA's
+(cuBLAS) one: if the gap is larger than what the fusion saves, the fusion loses.
+
+Times, as device µs from profiler traces, XLA's `K_sᵀ·xrᵀ` against a plain tiled
+Pallas GEMM over a few tilings (the epilogue-fused form needs at least one whole
+block of `B` output rows per program, so the tilings keep 128 or 256 rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import kernel_profile
+from poetx_jax.kernels import triton_backend as tb
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmTiles:
+  rows: int  # output features per program
+  tokens: int  # tokens per program
+  depth: int  # reduction chunk over input features
+  num_warps: int
+  num_stages: int
+
+
+TILINGS = (
+    GemmTiles(128, 128, 64, 4, 3),
+    GemmTiles(128, 128, 64, 8, 3),
+    GemmTiles(128, 128, 64, 8, 4),
+    GemmTiles(128, 256, 64, 8, 3),
+    GemmTiles(256, 128, 64, 8, 3),
+    GemmTiles(256, 64, 64, 8, 3),
+)
+
+
+def _kernel(k_ref, x_ref, o_ref, *, tiles, depth_total):
+  rows = tb.program_id(0) * tiles.rows + jnp.arange(tiles.rows)
+  tokens = tb.program_id(1) * tiles.tokens + jnp.arange(tiles.tokens)
+
+  def step(k, acc):
+    inner = k * tiles.depth + jnp.arange(tiles.depth)
+    k_tile = tb.load(k_ref.at[inner[:, None], rows[None, :]])  # (depth, rows) of K_s
+    x_tile = tb.load(x_ref.at[inner[:, None], tokens[None, :]])  # (depth, tokens) of xrᵀ
+    return acc + tb.dot(k_tile.T, x_tile)
+
+  acc = jax.lax.fori_loop(0, depth_total // tiles.depth, step, jnp.zeros((tiles.rows, tiles.tokens), jnp.float32))
+  tb.store(o_ref.at[rows[:, None], tokens[None, :]], acc.astype(o_ref.dtype))
+
+
+def pallas_kt_x(k_IxO, x_IxN, tiles: GemmTiles, interpret: bool = False):
+  """`K_sᵀ·xrᵀ`, `(O, N)`: shapes must be multiples of the tiles (a baseline, not a product kernel)."""
+  (d_in, d_out), n = k_IxO.shape, x_IxN.shape[1]
+  if d_out % tiles.rows or n % tiles.tokens or d_in % tiles.depth:
+    raise ValueError(f"shapes {k_IxO.shape} x {x_IxN.shape} are not multiples of {tiles}.")
+  kernel = functools.partial(_kernel, tiles=tiles, depth_total=d_in)
+  call = tb.pallas_call(
+      kernel, grid=(d_out // tiles.rows, n // tiles.tokens), out_shape=jax.ShapeDtypeStruct((d_out, n), x_IxN.dtype),
+      name="poetx_gemm_baseline", interpret=interpret, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+  )
+  return call(k_IxO, x_IxN)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--shapes", default="4096x14336,14336x4096")
+  parser.add_argument("--tokens", type=int, default=2048)
+  args = parser.parse_args(argv)
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, N={args.tokens}", flush=True)
+  for shape in args.shapes.split(","):
+    d_in, d_out = (int(s) for s in shape.split("x"))
+    sets = []
+    for s in range(3):
+      k1, k2 = jax.random.split(jax.random.key(s))
+      sets.append((jax.random.normal(k1, (d_in, d_out), jnp.bfloat16) / 64, jax.random.normal(k2, (d_in, args.tokens), jnp.bfloat16)))
+    xla_us = kernel_profile.device_us(jax.jit(lambda k, x: k.T @ x), sets)
+    tflops = lambda us: 2 * d_in * d_out * args.tokens / us / 1e6
+    print(f"{shape}  XLA K^T @ xT            {xla_us:7.1f} µs  {tflops(xla_us):5.0f} TFLOP/s", flush=True)
+    for tiles in TILINGS:
+      fn = jax.jit(functools.partial(pallas_kt_x, tiles=tiles))
+      try:
+        us = kernel_profile.device_us(fn, sets)
+      except Exception as err:  # pylint: disable=broad-except  (report and go on)
+        print(f"{shape}  pallas {tiles}  failed: {str(err).splitlines()[0][:100]}", flush=True)
+        continue
+      print(f"{shape}  pallas {tiles.rows}x{tiles.tokens}x{tiles.depth} w{tiles.num_warps} s{tiles.num_stages}"
+            f"  {us:7.1f} µs  {tflops(us):5.0f} TFLOP/s  x{us / xla_us:4.2f} XLA", flush=True)
+
+
+if __name__ == "__main__":
+  main()
