@@ -151,6 +151,7 @@ def main(argv=None):
   parser.add_argument("--skip_cayley", action="store_true")
   parser.add_argument("--cayley_sizes", default="256,512")
   parser.add_argument("--cayley_blocks", default=",".join(map(str, CAYLEY_BLOCKS)))
+  parser.add_argument("--cayley_impls", default="xla,xla_default,pallas,pallas_bf16")
   args = parser.parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "command": "python -m benchmarks.layer " + " ".join(sys.argv[1:])}
@@ -166,6 +167,7 @@ def main(argv=None):
       cayley_impls["xla_default"] = lambda q, b: cayley.cayley_neumann(q, b, 3, jax.lax.Precision.DEFAULT)
       cayley_impls["pallas"] = lambda q, b: cn.cayley_neumann(q, b)
       cayley_impls["pallas_bf16"] = lambda q, b: cn.cayley_neumann(q, b, operand_dtype=jnp.bfloat16)
+    cayley_impls = {k: v for k, v in cayley_impls.items() if k in args.cayley_impls.split(",")}
     cayley_records(cayley_impls, records, blocks_list=tuple(int(n) for n in args.cayley_blocks.split(",")),
                    sizes=tuple(int(b) for b in args.cayley_sizes.split(",")))
 
