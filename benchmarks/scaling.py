@@ -35,6 +35,7 @@ def _config(args, method: str, devices: int):
   c.model.vocab_size = 32000 if args.model != "tiny" else 512
   c.model.dtype = args.dtype
   c.model.remat = args.remat
+  c.model.scan_layers = args.scan_layers
   c.data.seq_len = args.seq_len
   c.optimizer.name = method
   c.poet.block_size = args.block_size
@@ -93,6 +94,7 @@ def main(argv=None):
   parser.add_argument("--block_size", type=int, default=256)
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--remat", default="none")
+  parser.add_argument("--scan_layers", type=lambda v: v.lower() == "true", default=True, help="true/false: nn.scan the blocks")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   trainer.maybe_initialize_distributed()
@@ -107,14 +109,21 @@ def main(argv=None):
       one = next((r for r in records if r["method"] == method and r["gpus"] == 1), record)
       record["efficiency"] = record["tokens_per_sec_per_gpu"] / one["tokens_per_sec_per_gpu"]
       records.append(record)
+      _write(args.out, records, argv)
       print(f"{args.model} {method:<6} {devices} devices: {record['tokens_per_sec_per_gpu']:10.0f} tokens/s/device"
             f"  efficiency {record['efficiency']:.2f}  replicas identical after merge: {record['replicas_identical_after_merge']}",
             flush=True)
-  if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump([{**r, "command": "python -m benchmarks.scaling " + " ".join(sys.argv[1:] if argv is None else argv)} for r in records], f, indent=1)
   return records
+
+
+def _write(path, records, argv):
+  """Rewritten after every record, so a run cut short keeps what it measured."""
+  if not path:
+    return
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  command = "python -m benchmarks.scaling " + " ".join(sys.argv[1:] if argv is None else argv)
+  with open(path, "w") as f:
+    json.dump([{**r, "command": command} for r in records], f, indent=1)
 
 
 if __name__ == "__main__":
