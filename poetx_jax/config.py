@@ -29,6 +29,9 @@ class POETConfig:
     implementation: "xla", "pallas", or None (Pallas on a GPU for power-of-two block
       sizes of 16 or more, where it measured faster at every shape; XLA otherwise).
     pallas_interpret: run the Pallas kernels in the interpreter (tests, CPU).
+    batch_axes: mesh axes that split the batch when a step is traced under a mesh;
+      the Pallas kernels then run on each device's tokens. None: every mesh axis
+      (the trainer's data × fsdp mesh); () keeps XLA's own partitioning.
     skip_indivisible: train targeted layers whose dimensions `block_size` does not
       divide as plain dense layers (each one logged) instead of raising.
     init_scale: scale of the base kernel after each output neuron is normalized to
@@ -51,6 +54,7 @@ class POETConfig:
   seed: int = 0
   implementation: str | None = None
   pallas_interpret: bool = False
+  batch_axes: tuple[str, ...] | None = None
   skip_indivisible: bool = False
   init_scale: float | None = 1.0
   param_dtype: str = "float32"
@@ -68,6 +72,10 @@ class POETConfig:
       problems.append(f"neumann_terms must be an int >= 0 or None (exact Cayley), got {self.neumann_terms!r}")
     if self.variant not in ops.VARIANTS:
       problems.append(f"variant must be one of {ops.VARIANTS}, got {self.variant!r}")
+    if self.batch_axes is not None and not (
+        isinstance(self.batch_axes, tuple) and all(isinstance(a, str) for a in self.batch_axes)
+    ):
+      problems.append(f"batch_axes must be None or a tuple of mesh axis names, got {self.batch_axes!r}")
     if self.implementation not in backends.IMPLEMENTATIONS + (None,):
       problems.append(f"implementation must be one of {backends.IMPLEMENTATIONS} or None, got {self.implementation!r}")
     for name in ("targets", "exclude"):

@@ -159,6 +159,7 @@ def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, ne
       implementation=config.implementation,
       interpret=config.pallas_interpret,
       precision=module.precision,
+      batch_axes=config.batch_axes,
   )
   y = y_NO.reshape(lead_shape + features)
   if bias is not None:

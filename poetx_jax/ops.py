@@ -15,6 +15,7 @@ every permutation moves whole rows of tokens.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,7 @@ def poet_linear(
     implementation: str | None = None,
     interpret: bool = False,
     precision=None,
+    batch_axes: tuple[str, ...] | None = None,
 ) -> jax.Array:
   """One POET-X linear map, `y = x[..., perm_in_inv]·BD(G_in)·K_s·BD(G_out)[..., perm_out]`.
 
@@ -124,6 +126,9 @@ def poet_linear(
     implementation: "xla", "pallas" or None (chosen by measurement); see `backends.resolve`.
     interpret: run Pallas kernels in the interpreter.
     precision: `jax.lax.Precision` of the two large GEMMs.
+    batch_axes: under a mesh (`jax.sharding.use_abstract_mesh` or `use_mesh`), the
+      axes that split the token rows; the Pallas kernels then run on each device's
+      rows (`shard_map`). None: every axis of the mesh; (): none.
 
   Returns:
     `(..., O)` outputs in `x`'s dtype.
@@ -135,23 +140,58 @@ def poet_linear(
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
   check_shapes(x_NI.shape, base_kernel_IxO.shape, q_in_RxE.shape, q_out_RxE.shape, block_size)
   backend = backends.resolve(implementation, interpret=interpret, block_size=block_size)
-  g_in, g_out = _both_sides_blocks(backend, q_in_RxE, q_out_RxE, block_size, neumann_terms, x_NI.dtype)
   lead_shape = x_NI.shape[:-1]
   x_2d = x_NI.reshape(-1, x_NI.shape[-1])
-  y_2d = _rotated_linear(
-      backend,
-      variant == "fast",
-      precision,
-      x_2d,
-      base_kernel_IxO,
-      g_in,
-      g_out,
-      perm_in_inv_I,
-      permutation.invert(perm_in_inv_I),
-      perm_out_O,
-      permutation.invert(perm_out_O),
+
+  def local(x_2d, base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O):
+    g_in, g_out = _both_sides_blocks(backend, q_in_RxE, q_out_RxE, block_size, neumann_terms, x_2d.dtype)
+    return _rotated_linear(
+        backend, variant == "fast", precision, x_2d, base_kernel_IxO, g_in, g_out,
+        perm_in_inv_I, permutation.invert(perm_in_inv_I), perm_out_O, permutation.invert(perm_out_O),
+    )
+
+  args = (x_2d, base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O)
+  token_axes = _token_axes(batch_axes) if backend.name.startswith("pallas") else ()
+  if token_axes:
+    local = _on_local_tokens(local, token_axes, x_2d.shape[0])
+  return local(*args).reshape(lead_shape + (base_kernel_IxO.shape[-1],))
+
+
+def _token_axes(batch_axes) -> tuple[str, ...]:
+  """Axes of the current mesh (if any) that split the tokens: `batch_axes`, or all of them."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  names = mesh.axis_names if batch_axes is None else tuple(batch_axes)
+  unknown = [a for a in names if a not in mesh.axis_names]
+  if unknown:
+    raise ValueError(f"batch_axes {unknown} are not axes of the current mesh {mesh.axis_names}.")
+  return tuple(a for a in names if mesh.shape[a] > 1)
+
+
+def _on_local_tokens(local, token_axes, rows):
+  """Runs the layer on each device's own tokens (`shard_map`).
+
+  XLA's partitioner cannot see into a Pallas kernel: left alone it gathers the
+  kernel's operands onto every device, so each device would rotate every token of
+  the global batch. Here each device runs the kernels on its rows; the base kernel
+  and the generators enter whole (FSDP gathers the kernel as it would for a GEMM),
+  and the generators' cotangents are summed over `token_axes` by `shard_map`'s
+  transpose, like any data-parallel gradient.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  shards = math.prod(mesh.shape[a] for a in token_axes)
+  if rows % shards:
+    raise ValueError(
+        f"a POET-X layer got {rows} token rows, which do not split over mesh axes {token_axes}"
+        f" ({shards} devices); make the batch divisible, or set POETConfig.batch_axes to the"
+        " axes that split the batch (() for none)."
+    )
+  spec = jax.sharding.PartitionSpec(token_axes)
+  replicated = jax.sharding.PartitionSpec()
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=(spec,) + (replicated,) * 5, out_specs=spec, check_vma=False
   )
-  return y_2d.reshape(lead_shape + (base_kernel_IxO.shape[-1],))
 
 
 def poet_linear_reference(

@@ -50,6 +50,18 @@ class Run:
   spectrum_fn: Any
 
 
+def _traced_under(mesh, fn):
+  """`fn` traced with `mesh` as the abstract mesh, so POET-X layers run their Pallas
+  kernels on each device's tokens (see `ops.poet_linear`'s `batch_axes`)."""
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return traced
+
+
 def build(config: TrainConfig, devices=None) -> Run:
   """Builds the model (wrapped for POET-X), optimizer, mesh and jitted functions.
 
@@ -92,10 +104,10 @@ def build(config: TrainConfig, devices=None) -> Run:
       batch_sharding=batch_sharding,
       init_fn=jax.jit(init, out_shardings=state_shardings),
       train_step=jax.jit(
-          train_step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated), donate_argnums=(0,)
+          _traced_under(mesh, train_step), in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated), donate_argnums=(0,)
       ),
       eval_step=jax.jit(
-          steps.make_eval_step(model),
+          _traced_under(mesh, steps.make_eval_step(model)),
           in_shardings=(state_shardings.params, state_shardings.frozen, batch_sharding),
           out_shardings=(replicated, replicated),
       ),

@@ -1,0 +1,139 @@
+"""Under a mesh, POET-X layers run their Pallas kernels on each device's own tokens.
+
+XLA cannot partition a Pallas kernel; without `shard_map` every device would gather
+and rotate the whole global batch. These run on the 8 fake CPU devices of conftest,
+with the kernels interpreted.
+"""
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import relative_error
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from poetx_jax import ops, skew
+
+BLOCK, D_IN, D_OUT = 16, 32, 48
+
+
+@pytest.fixture(name="layer_inputs")
+def _layer_inputs(rng):
+  return dict(
+      x=jnp.asarray(rng.standard_normal((16, 3, D_IN)), jnp.float32),
+      base=jnp.asarray(rng.standard_normal((D_IN, D_OUT)) / 6, jnp.float32),
+      q_in=jnp.asarray(0.1 * rng.standard_normal((D_IN // BLOCK, skew.packed_size(BLOCK))), jnp.float32),
+      q_out=jnp.asarray(0.1 * rng.standard_normal((D_OUT // BLOCK, skew.packed_size(BLOCK))), jnp.float32),
+      perm_in=jnp.asarray(rng.permutation(D_IN), jnp.int32),
+      perm_out=jnp.asarray(rng.permutation(D_OUT), jnp.int32),
+  )
+
+
+def _loss_and_grads(a, implementation="pallas", batch_axes=None, x=None):
+  def loss(x, q_in, q_out):
+    y = ops.poet_linear(
+        x, a["base"], q_in, q_out, a["perm_in"], a["perm_out"], block_size=BLOCK,
+        implementation=implementation, interpret=True, batch_axes=batch_axes,
+    )
+    return jnp.sum(jnp.sin(y))
+
+  return jax.value_and_grad(loss, argnums=(0, 1, 2))(a["x"] if x is None else x, a["q_in"], a["q_out"])
+
+
+def _primitives(jaxpr, inside=None, found=None):
+  """Names of the primitives of a jaxpr, each paired with whether it sits inside a shard_map."""
+  found = set() if found is None else found
+  for eqn in jaxpr.eqns:
+    found.add((eqn.primitive.name, bool(inside)))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      _primitives(sub, inside or eqn.primitive.name == "shard_map", found)
+  return found
+
+
+def _mesh():
+  return jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def test_sharded_pallas_layer_equals_the_unsharded_one(layer_inputs):
+  mesh = _mesh()
+  x = jax.device_put(layer_inputs["x"], NamedSharding(mesh, P(("data", "fsdp"))))
+
+  def step(x):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return _loss_and_grads(layer_inputs, x=x)
+
+  (loss, grads), (loss_ref, grads_ref) = jax.jit(step)(x), _loss_and_grads(layer_inputs)
+  assert relative_error(loss, loss_ref) < 1e-5
+  for got, want in zip(grads, grads_ref):  # q cotangents are summed over all 8 devices' tokens
+    assert relative_error(got, want) < 1e-5
+  found = _primitives(jax.make_jaxpr(step)(x).jaxpr)
+  assert ("pallas_call", True) in found and ("pallas_call", False) not in found
+
+
+def test_no_mesh_and_empty_batch_axes_leave_partitioning_to_xla(layer_inputs):
+  assert "shard_map" not in str(jax.make_jaxpr(lambda: _loss_and_grads(layer_inputs))())
+  mesh = _mesh()
+
+  def step():
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return _loss_and_grads(layer_inputs, batch_axes=())
+
+  assert "shard_map" not in str(jax.make_jaxpr(step)())
+
+
+def test_xla_path_is_left_to_xla_under_a_mesh(layer_inputs):
+  mesh = _mesh()
+
+  def step():
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return _loss_and_grads(layer_inputs, implementation="xla")
+
+  assert "shard_map" not in str(jax.make_jaxpr(step)())
+
+
+def test_indivisible_rows_and_unknown_axes_say_what_to_change(layer_inputs):
+  mesh = _mesh()
+  odd = dict(layer_inputs, x=layer_inputs["x"][:5])  # 15 rows over 8 devices
+
+  def step(a, batch_axes=None):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return _loss_and_grads(a, batch_axes=batch_axes)
+
+  with pytest.raises(ValueError, match=r"15 token rows.*do not split.*batch_axes"):
+    jax.make_jaxpr(step)(odd)
+  with pytest.raises(ValueError, match=r"\['model'\] are not axes"):
+    jax.make_jaxpr(lambda a: step(a, ("data", "model")))(layer_inputs)
+  # Splitting over only the `data` axis (4 devices) needs 4 | rows: 48 rows do.
+  data_only = jax.make_jaxpr(lambda a: step(a, ("data",)))(layer_inputs)
+  assert "shard_map" in str(data_only)
+
+
+def test_trainer_step_runs_kernels_per_device_and_matches_one_device():
+  """The trainer traces its step under its mesh: Pallas calls land inside shard_map, same loss."""
+  from benchmarks import synthetic
+  from configs import base
+  from poetx_jax import train_config, trainer
+
+  def build(data, fsdp):
+    c = base.get_config()
+    c.model.size = None
+    c.model.update(hidden=64, ffn=128, heads=2, layers=1, vocab_size=128)
+    c.data.seq_len = 8
+    c.poet.update(block_size=16, merge_interval=50, implementation="pallas", pallas_interpret=True)
+    c.train.update(steps=10, global_batch_size=8)
+    c.optimizer.warmup_steps = 2
+    c.mesh.update(data=data, fsdp=fsdp)
+    return trainer.build(train_config.from_config_dict(c), devices=jax.devices()[: data * fsdp])
+
+  losses = []
+  for data, fsdp in ((1, 1), (2, 4)):
+    run = build(data, fsdp)
+    state = run.init_fn()
+    batch = synthetic.token_batch(run, 8, 8, 128)
+    if data * fsdp > 1:
+      found = _primitives(run.train_step.trace(state, batch).jaxpr.jaxpr)
+      assert ("pallas_call", True) in found and ("pallas_call", False) not in found
+    _, metrics = run.train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0]), losses
