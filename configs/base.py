@@ -43,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.poet.exclude = r"(^|/)(lm_head|head)(/|$)"  # regex of layer paths never wrapped
   c.poet.implementation = None  # "xla", "pallas", or None (measured: Pallas on a GPU for power-of-two b >= 16, else XLA)
   c.poet.pallas_interpret = False  # run Pallas kernels in the interpreter (debugging on CPU)
-  c.poet.batch_axes = None  # mesh axes that split the batch; Pallas kernels run per device on them (None: all)
+  # mesh axes that split the batch; Pallas kernels run per device on them (None: all), e.g. "('data',)"
+  c.poet.batch_axes = ml_collections.config_dict.placeholder(tuple)
   c.poet.skip_indivisible = False  # train layers that block_size does not divide densely (logged) instead of failing
   c.poet.init_scale = 1.0  # scale of the unit-norm-per-output-neuron base kernels; None keeps the plain init
   c.poet.param_dtype = "float32"  # dtype of the orthogonal parameters and their Adam moments

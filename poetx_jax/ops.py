@@ -126,9 +126,11 @@ def poet_linear(
     implementation: "xla", "pallas" or None (chosen by measurement); see `backends.resolve`.
     interpret: run Pallas kernels in the interpreter.
     precision: `jax.lax.Precision` of the two large GEMMs.
-    batch_axes: under a mesh (`jax.sharding.use_abstract_mesh` or `use_mesh`), the
-      axes that split the token rows; the Pallas kernels then run on each device's
-      rows (`shard_map`). None: every axis of the mesh; (): none.
+    batch_axes: when traced under `jit` with a mesh set (`jax.set_mesh`, or
+      `jax.sharding.use_abstract_mesh` as the trainer does), the mesh axes that split
+      the token rows; the Pallas kernels then run on each device's rows (`shard_map`).
+      None: every axis of the mesh that is not already manual; (): none (XLA then
+      gathers the kernels' operands onto every device).
 
   Returns:
     `(..., O)` outputs in `x`'s dtype.
@@ -166,7 +168,9 @@ def _token_axes(batch_axes) -> tuple[str, ...]:
   unknown = [a for a in names if a not in mesh.axis_names]
   if unknown:
     raise ValueError(f"batch_axes {unknown} are not axes of the current mesh {mesh.axis_names}.")
-  return tuple(a for a in names if mesh.shape[a] > 1)
+  # Axes already manual (inside the caller's own shard_map) hold local tokens already.
+  manual = set(getattr(mesh, "manual_axes", ()))
+  return tuple(a for a in names if mesh.shape[a] > 1 and a not in manual)
 
 
 def _on_local_tokens(local, token_axes, rows):
@@ -184,8 +188,8 @@ def _on_local_tokens(local, token_axes, rows):
   if rows % shards:
     raise ValueError(
         f"a POET-X layer got {rows} token rows, which do not split over mesh axes {token_axes}"
-        f" ({shards} devices); make the batch divisible, or set POETConfig.batch_axes to the"
-        " axes that split the batch (() for none)."
+        f" ({shards} devices); make the batch divisible by {shards}, or set POETConfig.batch_axes"
+        " (config.poet.batch_axes) to the mesh axes that actually split the batch."
     )
   spec = jax.sharding.PartitionSpec(token_axes)
   replicated = jax.sharding.PartitionSpec()

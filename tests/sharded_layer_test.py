@@ -137,3 +137,21 @@ def test_trainer_step_runs_kernels_per_device_and_matches_one_device():
     _, metrics = run.train_step(state, batch)
     losses.append(float(metrics["loss"]))
   assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0]), losses
+
+
+def test_inside_a_callers_shard_map_manual_axes_are_left_alone(layer_inputs):
+  """Under the caller's own shard_map over `data`, the layer splits only over `fsdp`."""
+  mesh = _mesh()
+  x = jax.device_put(layer_inputs["x"], NamedSharding(mesh, P("data")))
+
+  def per_data_shard(x):  # 4 rows x 3 tokens here; 2-way over fsdp inside the layer
+    return _loss_and_grads(layer_inputs, x=x)[0][None]
+
+  def step(x):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return jax.shard_map(per_data_shard, mesh=mesh.abstract_mesh, in_specs=P("data"), out_specs=P("data"),
+                           axis_names={"data"}, check_vma=False)(x)
+
+  losses = jax.jit(step)(x)
+  want = [_loss_and_grads(layer_inputs, x=layer_inputs["x"][4 * i : 4 * i + 4])[0] for i in range(4)]
+  assert relative_error(losses, jnp.stack(want)) < 1e-5
