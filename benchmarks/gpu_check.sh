@@ -2,7 +2,9 @@
 # One device call: kernel tests compiled on the GPU, tile sweeps, the layer table, a kernel trace.
 #   bash benchmarks/gpu_check.sh   (on the H100; writes under $OUT when set)
 # Each step has its own timeout so one slow step cannot take the others' output with it;
-# set SWEEP= (empty) to skip the sweeps, GPU_TESTS to narrow the tests (pytest -k).
+# All steps together take longer than one 10-minute device call: run the sweeps
+# (SWEEP=1, the default) and the rest (SWEEP= LAYER_ARGS=...) in separate calls, and
+# GPU_TESTS to narrow the tests (pytest -k).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/poetx_out}; mkdir -p "$OUT"
