@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call: kernel tests compiled on the GPU, tile sweeps, the layer table, a kernel trace.
+# Kernel tests compiled on the GPU, tile sweeps, the layer table, a kernel trace.
 #   bash benchmarks/gpu_check.sh   (on the H100; writes under $OUT when set)
-# Each step has its own timeout so one slow step cannot take the others' output with it;
+# Each step has its own timeout so one slow step cannot take the others' output with it.
 # All steps together take longer than one 10-minute device call: run the sweeps
 # (SWEEP=1, the default) and the rest (SWEEP= LAYER_ARGS=...) in separate calls, and
 # GPU_TESTS to narrow the tests (pytest -k).
