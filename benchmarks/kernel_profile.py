@@ -47,9 +47,8 @@ def device_kernels(trace_path: str) -> list[tuple[str, float]]:
   return kernels
 
 
-def profile(fn, args, calls: int, input_sets=None) -> list[tuple[str, int, float]]:
-  """(kernel, launches per call, µs per call), longest first; `input_sets` rotate if given."""
-  input_sets = input_sets or [args]
+def profile(fn, input_sets, calls: int) -> list[tuple[str, int, float]]:
+  """(kernel, launches per call, µs per call), longest first; calls rotate over `input_sets`."""
   for i in range(3):
     jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
   with tempfile.TemporaryDirectory() as log_dir:
@@ -67,7 +66,7 @@ def profile(fn, args, calls: int, input_sets=None) -> list[tuple[str, int, float
 
 def device_us(fn, input_sets, calls: int = 12) -> float:
   """Device microseconds per call of `fn` (all its kernels), inputs rotating: no host overhead."""
-  return sum(us for _, _, us in profile(fn, input_sets[0], calls, input_sets))
+  return sum(us for _, _, us in profile(fn, input_sets, calls))
 
 
 def main(argv=None):
@@ -88,7 +87,7 @@ def main(argv=None):
         _, fwd_bwd = layer_bench._dense_fns()  # pylint: disable=protected-access
       else:
         _, fwd_bwd = layer_bench._poet_fns(args.block, *KNOWN[impl])  # pylint: disable=protected-access
-      rows = profile(fwd_bwd, (inputs,), args.calls)
+      rows = profile(fwd_bwd, [(inputs,)], args.calls)
       print(f"--- {shape} b={args.block} {impl} fwd+bwd: {sum(r[2] for r in rows):8.1f} µs in "
             f"{sum(r[1] for r in rows):.0f} kernels")
       for name, launches, us in rows[: args.top]:

@@ -20,6 +20,7 @@ from typing import Callable
 import jax
 
 from poetx_jax import cayley, rotation
+from poetx_jax.kernels import block_sizes  # tile rules only: no Pallas import
 
 IMPLEMENTATIONS = ("xla", "pallas")
 
@@ -65,11 +66,6 @@ def _pallas_backend(interpret: bool) -> Backend:
   return pallas_backend.make_backend(interpret=interpret)
 
 
-def pallas_covers(block_size: int | None) -> bool:
-  """Whether the Pallas kernels handle this block size (their tiles are powers of two)."""
-  return block_size is None or (block_size >= 16 and block_size & (block_size - 1) == 0)
-
-
 def resolve(implementation: str | None, *, interpret: bool = False, block_size: int | None = None) -> Backend:
   """The backend for an `implementation` setting.
 
@@ -83,13 +79,14 @@ def resolve(implementation: str | None, *, interpret: bool = False, block_size: 
     ValueError: for an unknown implementation, "pallas" off-GPU without `interpret`,
       or "pallas" with a block size its kernels do not cover.
   """
+  covered = block_size is None or block_sizes.covers(block_size)
   if implementation is None:
-    implementation = "pallas" if pallas_covers(block_size) and (interpret or _on_gpu()) else "xla"
+    implementation = "pallas" if covered and (interpret or _on_gpu()) else "xla"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}.")
   if implementation == "xla":
     return XLA
-  if not pallas_covers(block_size):
+  if not covered:
     raise ValueError(
         f"the Pallas kernels need a power-of-two block_size of at least 16, got {block_size};"
         " change block_size or use implementation='xla'."

@@ -153,15 +153,15 @@ def poet_linear(
     )
 
   args = (x_2d, base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O)
-  token_axes = _token_axes(batch_axes) if backend.name.startswith("pallas") else ()
+  mesh = jax.sharding.get_abstract_mesh()
+  token_axes = _token_axes(mesh, batch_axes) if backend.name.startswith("pallas") else ()
   if token_axes:
-    local = _on_local_tokens(local, token_axes, x_2d.shape[0])
+    local = _on_local_tokens(local, mesh, token_axes, x_2d.shape[0])
   return local(*args).reshape(lead_shape + (base_kernel_IxO.shape[-1],))
 
 
-def _token_axes(batch_axes) -> tuple[str, ...]:
-  """Axes of the current mesh (if any) that split the tokens: `batch_axes`, or all of them."""
-  mesh = jax.sharding.get_abstract_mesh()
+def _token_axes(mesh, batch_axes) -> tuple[str, ...]:
+  """Axes of the current (abstract) mesh, if any, that split the tokens: `batch_axes`, or all of them."""
   if mesh.empty:
     return ()
   names = mesh.axis_names if batch_axes is None else tuple(batch_axes)
@@ -173,7 +173,7 @@ def _token_axes(batch_axes) -> tuple[str, ...]:
   return tuple(a for a in names if mesh.shape[a] > 1 and a not in manual)
 
 
-def _on_local_tokens(local, token_axes, rows):
+def _on_local_tokens(local, mesh, token_axes, rows):
   """Runs the layer on each device's own tokens (`shard_map`).
 
   XLA's partitioner cannot see into a Pallas kernel: left alone it gathers the
@@ -183,7 +183,6 @@ def _on_local_tokens(local, token_axes, rows):
   and the generators' cotangents are summed over `token_axes` by `shard_map`'s
   transpose, like any data-parallel gradient.
   """
-  mesh = jax.sharding.get_abstract_mesh()
   shards = math.prod(mesh.shape[a] for a in token_axes)
   if rows % shards:
     raise ValueError(

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from poetx_jax import merging, spectrum
+from poetx_jax import merging, spectrum, tree_paths
 from poetx_jax.config import POETConfig
 
 
@@ -157,10 +157,7 @@ def largest_singular_values(params, frozen, paths: tuple[str, ...]) -> dict[str,
     return {p: s.reshape(-1, s.shape[-1])[0, 0] for p, s in values.items()}
   out = {}
   for path in paths:
-    node = params
-    for name in path.split("/"):
-      node = node[name]
-    kernel = node["kernel"].astype(jnp.float32)
+    kernel = tree_paths.get_path(params, tuple(path.split("/")))["kernel"].astype(jnp.float32)
     first = kernel.reshape((-1,) + kernel.shape[-2:])[0]
     out[path] = jnp.linalg.svd(first, compute_uv=False)[0]
   return out

@@ -16,8 +16,9 @@ from poetx_jax.kernels import cayley_neumann as cayley_kernel
 
 
 def _cayley_neumann(q_RxE, block_size, neumann_terms=3, precision=None, operand_dtype=jnp.float32, *, interpret):
-  if neumann_terms != 3 or q_RxE.ndim != 2 or block_size < 16:
-    # Only POET-X's k = 3 has a fused kernel (and only for blocks of 16 or more).
+  if neumann_terms != 3 or q_RxE.ndim != 2:
+    # Only POET-X's k = 3 has a fused kernel (`backends.resolve` already refused block
+    # sizes the kernels do not cover).
     return cayley.cayley_neumann(q_RxE, block_size, neumann_terms, precision)
   return cayley_kernel.cayley_neumann(
       q_RxE, block_size, operand_dtype=operand_dtype, precision=precision, interpret=interpret

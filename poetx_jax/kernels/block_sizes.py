@@ -12,6 +12,12 @@ import dataclasses
 import numpy as np
 
 
+def covers(block_size: int) -> bool:
+  """Whether the kernels' tiles can cover `B x B` blocks: powers of two, 16 or more
+  (Triton tiles are powers of two, and its dots need at least 16 along each side)."""
+  return block_size >= 16 and block_size & (block_size - 1) == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class RotationTiles:
   rows: int  # output rows per program (a slice of one block's B rows)

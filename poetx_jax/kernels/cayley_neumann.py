@@ -252,7 +252,7 @@ def cayley_neumann(q_RxE, block_size: int, *, operand_dtype=jnp.float32, precisi
     ValueError: for a block size the tiles cannot cover, a mismatched `E` or an
       unsupported operand dtype.
   """
-  if block_size < 16 or block_size & (block_size - 1):
+  if not block_sizes.covers(block_size):
     raise ValueError(f"the Pallas Cayley–Neumann kernel needs a power-of-two block size >= 16, got {block_size}.")
   if q_RxE.ndim != 2 or q_RxE.shape[-1] != skew.packed_size(block_size):
     raise ValueError(f"q must be (R, {skew.packed_size(block_size)}) for block size {block_size}, got {q_RxE.shape}.")
