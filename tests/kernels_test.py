@@ -103,6 +103,14 @@ class CayleyNeumannBase(KernelCase):
     want = cayley.cayley_neumann_reference(q, block, 3)
     rounding_of_g = jnp.max(jnp.abs(want.astype(jnp.bfloat16).astype(jnp.float32) - want))
     assert jnp.max(jnp.abs(got - want)) < 0.25 * rounding_of_g
+    # With Q ten times smaller the Q² terms shrink a hundredfold: what is left must be far
+    # below what rounding 2Q itself to bf16 would cost, so 2Q really enters exactly.
+    q_small = q / 10
+    got = cayley_kernel.cayley_neumann(q_small, block, operand_dtype=jnp.bfloat16, interpret=self.interpret)
+    want = cayley.cayley_neumann_reference(q_small, block, 3)
+    two_q = 2 * skew.skew_from_packed(q_small, block)
+    rounding_of_2q = jnp.max(jnp.abs(two_q.astype(jnp.bfloat16).astype(jnp.float32) - two_q))
+    assert jnp.max(jnp.abs(got - want)) < 0.25 * rounding_of_2q
 
   def test_zero_is_identity(self):
     out = cayley_kernel.cayley_neumann(jnp.zeros((2, skew.packed_size(32))), 32, interpret=self.interpret)
