@@ -4,15 +4,19 @@
 
 The first kernel unpacks `Q` from the strict upper triangle
 (`q[r, slot(min(i,j), max(i,j))]` with the sign of `j - i`) once, so the product
-kernels read plain contiguous tiles:
+kernels read plain contiguous tiles. Every product loop only loads and multiplies:
+each polynomial operand is formed once, in the epilogue of the kernel before it
+(computing `2Q + Q2` inside the loop of the next kernel cost a conversion per
+loaded element per output tile, and kept the loads from being pipelined):
 
-* forward: `Q`, `Q2` (one tiled product), then `G` (one tiled product plus an epilogue);
-* backward (SPEC §3, with `Qᵀ = −Q`, `Q2ᵀ = Q2`): `Q`, `Q2`, `∇2 = −(dG·Q + Q·dG)`,
-  then the dense `dQ = (∇2 + 2dG)·Q2 + (Q2 − 2Q)·∇2 + 2(dG + ∇2)`, then a packing
-  kernel whose programs each read a pair of mirrored tiles `dQ[m, n]`, `dQ[n, m]`
-  and write `dq = dQ − dQᵀ` straight into the packed triangle.
+* forward: `Q`; then `Q2` with `P = Q2 + 2Q`; then `G = Q2·P + 2(Q + Q2) + I`;
+* backward (SPEC §3, with `Qᵀ = −Q`, `Q2ᵀ = Q2`): `Q`; then `Q2` with `M = Q2 − 2Q`;
+  then `∇2 = −(dG·Q + Q·dG)` with `L = ∇2 + 2dG`; then the dense
+  `dQ = L·Q2 + M·∇2 + 2(dG + ∇2)`; then a packing kernel whose programs each read
+  a pair of mirrored tiles `dQ[m, n]`, `dQ[n, m]` and write `dq = dQ − dQᵀ` straight
+  into the packed triangle.
 
-Operands. `Q`, `Q2` and `∇2` are stored, and multiplied, in `operand_dtype`
+Operands. `Q`, `Q2`, `∇2` and the polynomials `P`, `M`, `L` are stored, and multiplied, in `operand_dtype`
 (accumulating in float32). The layer passes its activation dtype: with bfloat16
 activations the rotations round `G` to bfloat16 anyway (an absolute error up to
 2⁻⁹ on the diagonal), which dwarfs what bfloat16 operands do to the `Q²` terms
@@ -87,7 +91,8 @@ def _inner(k, tiles):
   return k * tiles.depth + jnp.arange(tiles.depth)
 
 
-def _square_kernel(q_ref, o_ref, *, block, tiles, precision):
+def _square_kernel(q_ref, q2_ref, poly_ref, *, block, tiles, precision, sign):
+  """`Q2 = Q·Q`, and the next product's operand `Q2 + sign·2Q` (`P` forward, `M` backward)."""
   r = tb.program_id(2)
   i, j = _tile_indices(tiles)
 
@@ -95,17 +100,19 @@ def _square_kernel(q_ref, o_ref, *, block, tiles, precision):
     inner = _inner(k, tiles)
     return tb.dot(tb.load(q_ref.at[r, i, inner[None, :]]), tb.load(q_ref.at[r, inner[:, None], j]), precision)
 
-  tb.store(o_ref.at[r, i, j], _reduce(tiles, block, step).astype(o_ref.dtype))
+  q2 = _reduce(tiles, block, step)
+  tb.store(q2_ref.at[r, i, j], q2.astype(q2_ref.dtype))
+  tb.store(poly_ref.at[r, i, j], (q2 + (2.0 * sign) * _f32(q_ref.at[r, i, j])).astype(poly_ref.dtype))
 
 
-def _neumann_kernel(packed_ref, q_ref, q2_ref, o_ref, *, block, tiles, precision):
+def _neumann_kernel(packed_ref, q2_ref, p_ref, o_ref, *, block, tiles, precision):
+  """`G = Q2·P + 2(Q + Q2) + I` with `P = Q2 + 2Q`."""
   r = tb.program_id(2)
   i, j = _tile_indices(tiles)
 
   def step(k):
     inner = _inner(k, tiles)
-    poly = 2.0 * _f32(q_ref.at[r, inner[:, None], j]) + _f32(q2_ref.at[r, inner[:, None], j])
-    return tb.dot(tb.load(q2_ref.at[r, i, inner[None, :]]), poly.astype(q_ref.dtype), precision)
+    return tb.dot(tb.load(q2_ref.at[r, i, inner[None, :]]), tb.load(p_ref.at[r, inner[:, None], j]), precision)
 
   acc = _reduce(tiles, block, step)
   # 2Q from the packed float32 vector: bfloat16 operands round only the Q² terms.
@@ -114,8 +121,8 @@ def _neumann_kernel(packed_ref, q_ref, q2_ref, o_ref, *, block, tiles, precision
   tb.store(o_ref.at[r, i, j], g)
 
 
-def _grad2_kernel(q_ref, dg_ref, o_ref, *, block, tiles, precision):
-  """`∇2 = dG·Qᵀ + Qᵀ·dG = −(dG·Q + Q·dG)`."""
+def _grad2_kernel(q_ref, dg_ref, dg32_ref, g2_ref, l_ref, *, block, tiles, precision):
+  """`∇2 = dG·Qᵀ + Qᵀ·dG = −(dG·Q + Q·dG)`, and the dQ product's operand `L = ∇2 + 2dG`."""
   r = tb.program_id(2)
   i, j = _tile_indices(tiles)
 
@@ -126,22 +133,21 @@ def _grad2_kernel(q_ref, dg_ref, o_ref, *, block, tiles, precision):
         tb.load(q_ref.at[r, i, row_k]), tb.load(dg_ref.at[r, col_k, j]), precision
     )
 
-  tb.store(o_ref.at[r, i, j], (-_reduce(tiles, block, step)).astype(o_ref.dtype))
+  g2 = -_reduce(tiles, block, step)
+  tb.store(g2_ref.at[r, i, j], g2.astype(g2_ref.dtype))
+  tb.store(l_ref.at[r, i, j], (g2 + 2.0 * tb.load(dg32_ref.at[r, i, j])).astype(l_ref.dtype))
 
 
-def _dense_dq_kernel(q_ref, dg_ref, q2_ref, g2_ref, dg32_ref, o_ref, *, block, tiles, precision):
-  """`dQ = (∇2 + 2dG)·Q2 + (Q2 − 2Q)·∇2 + 2(dG + ∇2)`, one `side x width` tile, float32."""
+def _dense_dq_kernel(l_ref, q2_ref, m_ref, g2_ref, dg32_ref, o_ref, *, block, tiles, precision):
+  """`dQ = L·Q2 + M·∇2 + 2(dG + ∇2)`, one `side x width` tile, float32."""
   r = tb.program_id(2)
   i, j = _tile_indices(tiles)
-  operand = q_ref.dtype
 
   def step(k):
     inner = _inner(k, tiles)
     row_k, col_k = inner[None, :], inner[:, None]
-    left1 = (_f32(g2_ref.at[r, i, row_k]) + 2.0 * _f32(dg_ref.at[r, i, row_k])).astype(operand)
-    left2 = (_f32(q2_ref.at[r, i, row_k]) - 2.0 * _f32(q_ref.at[r, i, row_k])).astype(operand)
-    return tb.dot(left1, tb.load(q2_ref.at[r, col_k, j]), precision) + tb.dot(
-        left2, tb.load(g2_ref.at[r, col_k, j]), precision
+    return tb.dot(tb.load(l_ref.at[r, i, row_k]), tb.load(q2_ref.at[r, col_k, j]), precision) + tb.dot(
+        tb.load(m_ref.at[r, i, row_k]), tb.load(g2_ref.at[r, col_k, j]), precision
     )
 
   acc = _reduce(tiles, block, step)
@@ -170,30 +176,36 @@ def _call(kernel, out_shape, grid, tiles, name, interpret, *args):
   )(*args)
 
 
-def _square_blocks(fn, name, num_blocks, block, tiles, interpret, out_dtype, *args):
+def _square_blocks(fn, name, num_blocks, block, tiles, interpret, out_dtypes, *args):
   """Launches a kernel with one program per `side x width` tile of each `B x B` block.
 
-  The block index is the slowest grid axis, so a block's tiles run side by side and
-  share its operand panels through L2 (with the block fastest, 320 blocks of b = 512
-  re-read every panel from memory).
+  `out_dtypes`: one dtype per `(R, B, B)` output. The block index is the slowest
+  grid axis, so a block's tiles run side by side and share its operand panels
+  through L2 (with the block fastest, 320 blocks of b = 512 re-read every panel
+  from memory).
   """
-  out = jax.ShapeDtypeStruct((num_blocks, block, block), out_dtype)
+  out = tuple(jax.ShapeDtypeStruct((num_blocks, block, block), d) for d in out_dtypes)
   grid = (block // tiles.side, block // tiles.width, num_blocks)
-  return _call(functools.partial(fn, block=block, tiles=tiles), out, grid, tiles, name, interpret, *args)
+  result = _call(functools.partial(fn, block=block, tiles=tiles), out, grid, tiles, name, interpret, *args)
+  return result[0] if len(result) == 1 else result
 
 
-def _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles):
+def _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, sign):
+  """`Q`, `Q2` and `Q2 + sign·2Q`, all `(R, B, B)` in `operand_dtype`."""
   r = q_RxE.shape[0]
-  q = _square_blocks(_skew_kernel, "poetx_cayley_skew", r, block, tiles, interpret, operand_dtype, q_RxE)
-  square = functools.partial(_square_kernel, precision=precision)
-  return q, _square_blocks(square, "poetx_cayley_square", r, block, tiles, interpret, operand_dtype, q)
+  q = _square_blocks(_skew_kernel, "poetx_cayley_skew", r, block, tiles, interpret, (operand_dtype,), q_RxE)
+  square = functools.partial(_square_kernel, precision=precision, sign=sign)
+  q2, poly = _square_blocks(square, "poetx_cayley_square", r, block, tiles, interpret, (operand_dtype,) * 2, q)
+  return q, q2, poly
 
 
 def _forward(q_RxE, block, operand_dtype, precision, interpret, tiles=None):
   tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype)
-  q, q2 = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles)
+  _, q2, p = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, sign=1)
   neumann = functools.partial(_neumann_kernel, precision=precision)
-  return _square_blocks(neumann, "poetx_cayley_neumann", q_RxE.shape[0], block, tiles, interpret, jnp.float32, q_RxE, q, q2)
+  return _square_blocks(
+      neumann, "poetx_cayley_neumann", q_RxE.shape[0], block, tiles, interpret, (jnp.float32,), q_RxE, q2, p
+  )
 
 
 def _pack(dq_RxBxB, block, interpret):
@@ -209,12 +221,14 @@ def _pack(dq_RxBxB, block, interpret):
 def _backward(q_RxE, dg_RxBxB, block, operand_dtype, precision, interpret, tiles=None):
   tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype)
   r = q_RxE.shape[0]
-  q, q2 = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles)
+  q, q2, m = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, sign=-1)
   dg_operand = dg_RxBxB.astype(operand_dtype)
   grad2 = functools.partial(_grad2_kernel, precision=precision)
-  g2 = _square_blocks(grad2, "poetx_cayley_grad2", r, block, tiles, interpret, operand_dtype, q, dg_operand)
+  g2, l = _square_blocks(
+      grad2, "poetx_cayley_grad2", r, block, tiles, interpret, (operand_dtype,) * 2, q, dg_operand, dg_RxBxB
+  )
   dense = functools.partial(_dense_dq_kernel, precision=precision)
-  dq_RxBxB = _square_blocks(dense, "poetx_cayley_dq", r, block, tiles, interpret, jnp.float32, q, dg_operand, q2, g2, dg_RxBxB)
+  dq_RxBxB = _square_blocks(dense, "poetx_cayley_dq", r, block, tiles, interpret, (jnp.float32,), l, q2, m, g2, dg_RxBxB)
   return _pack(dq_RxBxB, block, interpret)
 
 
