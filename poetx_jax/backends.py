@@ -18,6 +18,7 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from poetx_jax import cayley, rotation
 from poetx_jax.kernels import block_sizes  # tile rules only: no Pallas import
@@ -27,27 +28,40 @@ IMPLEMENTATIONS = ("xla", "pallas")
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-  """The primitives one implementation supplies (hashable: a static argument)."""
+  """The primitives one implementation supplies (hashable: a static argument).
+
+  None of them is differentiated: the layer (`ops.py`) writes its own VJP from them.
+  """
 
   name: str
-  cayley_neumann: Callable[..., jax.Array]
-  gather_rotate: Callable[..., jax.Array]
-  rotate_gather: Callable[..., jax.Array]
-  gathered_block_outer_sum: Callable[..., jax.Array]
+  # (q_RxE, block_size, neumann_terms, precision, operand_dtype, out_dtype) -> G (R, B, B)
+  cayley_forward: Callable[..., jax.Array]
+  # (q_RxE, dG_RxBxB float32, block_size, neumann_terms, precision, operand_dtype) -> dq (R, E) float32
+  cayley_backward: Callable[..., jax.Array]
+  gather_rotate: Callable[..., jax.Array]  # rotation.gather_rotate
+  rotate_gather: Callable[..., jax.Array]  # rotation.rotate_gather
+  block_outer_sum_into: Callable[..., jax.Array]  # rotation.block_outer_sum_into
 
 
-def _xla_cayley_neumann(q_RxE, block_size, neumann_terms=3, precision=None, operand_dtype=None):
+def xla_cayley_forward(q_RxE, block_size, neumann_terms, precision, operand_dtype, out_dtype):
   """The XLA map ignores `operand_dtype`: it is the reference and multiplies in float32."""
   del operand_dtype
-  return cayley.cayley_neumann(q_RxE, block_size, neumann_terms, precision)
+  return cayley.cayley_neumann(q_RxE, block_size, neumann_terms, precision).astype(out_dtype)
+
+
+def xla_cayley_backward(q_RxE, dg_RxBxB, block_size, neumann_terms, precision, operand_dtype):
+  del operand_dtype
+  _, vjp = jax.vjp(lambda q: cayley.cayley_neumann(q, block_size, neumann_terms, precision), q_RxE)
+  return vjp(dg_RxBxB.astype(jnp.float32))[0]
 
 
 XLA = Backend(
     name="xla",
-    cayley_neumann=_xla_cayley_neumann,
+    cayley_forward=xla_cayley_forward,
+    cayley_backward=xla_cayley_backward,
     gather_rotate=rotation.gather_rotate,
     rotate_gather=rotation.rotate_gather,
-    gathered_block_outer_sum=rotation.gathered_block_outer_sum,
+    block_outer_sum_into=rotation.block_outer_sum_into,
 )
 
 

@@ -25,61 +25,72 @@ from poetx_jax import backends, cayley, permutation, rotation
 VARIANTS = ("fast", "mem")
 
 
-def _hidden_t(backend, x_IxN, k_IxO, g_in, perm_in_inv, precision):
-  """`hᵀ = K_sᵀ · (x[..., perm_in_inv]·BD(G_in))ᵀ`, `(O, N)`: the one large GEMM of the forward."""
-  xr_IxN = backend.gather_rotate(x_IxN, perm_in_inv, g_in)
+def _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision):
+  """`hᵀ = K_sᵀ · (x[..., perm_in_inv]·BD(G_in))ᵀ`, `(O, N)`: the one large GEMM of the forward.
+
+  `G_in` is the first `I / B` blocks of `g_RxBxB`.
+  """
+  xr_IxN = backend.gather_rotate(x_IxN, perm_in_inv, g_RxBxB)
   return jnp.matmul(k_IxO.astype(x_IxN.dtype).T, xr_IxN, precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _rotated_linear(backend, keep_hidden, precision, x_NI, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out, perm_out_inv):
-  return _rotated_linear_fwd(
-      backend, keep_hidden, precision, x_NI, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out, perm_out_inv
-  )[0]
+# Both sides' blocks live in one array, `G = [G_in; G_out]` (`(R_in + R_out, B, B)`):
+# one Cayley–Neumann call serves both sides (the input side alone, 16 blocks at 4096
+# wide with b = 256, fills only half of an H100's multiprocessors), and the backward
+# writes both sides' cotangents into one buffer, so no slice, padding or sum is
+# copied between the kernels.
+_STATIC = ("backend", "keep_hidden", "precision", "block_size", "neumann_terms")
 
 
-def _rotated_linear_fwd(backend, keep_hidden, precision, x_NI, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out, perm_out_inv):
+@functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(len(_STATIC))))
+def _poet_layer(backend, keep_hidden, precision, block_size, neumann_terms, x_NI, k_IxO, q_RxE, perms):
+  """`q_RxE`: both sides' packed generators, float32, input side first."""
+  return _poet_layer_fwd(backend, keep_hidden, precision, block_size, neumann_terms, x_NI, k_IxO, q_RxE, perms)[0]
+
+
+def _cayley_settings(x_dtype):
+  """DEFAULT precision (TF32 on GPUs) only rounds the `Q²` terms of `G`; merges use
+  HIGHEST. With bfloat16 activations the Pallas kernels also read bfloat16 operands
+  and write `G` in bfloat16 (see `kernels/cayley_neumann.py`): the rotations round
+  `G` to the activations' dtype anyway."""
+  operand_dtype = jnp.bfloat16 if x_dtype == jnp.bfloat16 else jnp.float32
+  return dict(precision=jax.lax.Precision.DEFAULT, operand_dtype=operand_dtype)
+
+
+def _poet_layer_fwd(backend, keep_hidden, precision, block_size, neumann_terms, x_NI, k_IxO, q_RxE, perms):
+  perm_in_inv, _, perm_out, perm_out_inv = perms
+  g_RxBxB = backend.cayley_forward(
+      q_RxE, block_size, neumann_terms, out_dtype=x_NI.dtype, **_cayley_settings(x_NI.dtype)
+  )
   x_IxN = x_NI.T  # feature-major inside the layer: permutations move whole rows
-  h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_in, perm_in_inv, precision)
-  y_OxN = backend.rotate_gather(h_OxN, g_out, perm_out, perm_out_inv)
+  h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
+  y_OxN = backend.rotate_gather(h_OxN, g_RxBxB, perm_out, perm_out_inv, block_offset=x_NI.shape[-1] // block_size)
   saved_h = h_OxN if keep_hidden else None
-  return y_OxN.T, (x_IxN, saved_h, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out_inv)
+  return y_OxN.T, (x_IxN, saved_h, k_IxO, q_RxE, g_RxBxB, perms)
 
 
-def _rotated_linear_bwd(backend, keep_hidden, precision, residuals, dy_NO):
+def _poet_layer_bwd(backend, keep_hidden, precision, block_size, neumann_terms, residuals, dy_NO):
   del keep_hidden
-  x_IxN, h_OxN, k_IxO, g_in, g_out, perm_in_inv, perm_in, perm_out_inv = residuals
+  x_IxN, h_OxN, k_IxO, q_RxE, g_RxBxB, perms = residuals
+  perm_in_inv, perm_in, _, perm_out_inv = perms
+  blocks_in = x_IxN.shape[0] // block_size
   if h_OxN is None:  # mem: recompute the hidden state, one extra large GEMM
-    h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_in, perm_in_inv, precision)
-  block_in, block_out = g_in.shape[-1], g_out.shape[-1]
+    h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
   dy_OxN = dy_NO.T
   # dG_out[i] = Σ h_iᵀ g1_i with g1 = dy[..., perm_out_inv]; dh = g1 · BD(G_out)ᵀ.
-  dg_out = backend.gathered_block_outer_sum(h_OxN, None, dy_OxN, perm_out_inv, block_out)
-  dh_OxN = backend.gather_rotate(dy_OxN, perm_out_inv, g_out, transpose=True)
+  fresh = jax.ShapeDtypeStruct(g_RxBxB.shape, jnp.float32)
+  dg_RxBxB = backend.block_outer_sum_into(fresh, h_OxN, None, dy_OxN, perm_out_inv, blocks_in)
+  dh_OxN = backend.gather_rotate(dy_OxN, perm_out_inv, g_RxBxB, transpose=True, block_offset=blocks_in)
   # The second large GEMM; K_s gets no gradient, so there is no third.
   dxr_IxN = jnp.matmul(k_IxO.astype(dh_OxN.dtype), dh_OxN, precision=precision)
   # dG_in[j] = Σ xp_jᵀ dxr_j with xp = x[..., perm_in_inv]; dx = (dxr · BD(G_in)ᵀ)[..., perm_in].
-  dg_in = backend.gathered_block_outer_sum(x_IxN, perm_in_inv, dxr_IxN, None, block_in)
-  dx_IxN = backend.rotate_gather(dxr_IxN, g_in, perm_in, perm_in_inv, transpose=True)
-  return (dx_IxN.T, None, dg_in.astype(g_in.dtype), dg_out.astype(g_out.dtype), None, None, None, None)
+  dg_RxBxB = backend.block_outer_sum_into(dg_RxBxB, x_IxN, perm_in_inv, dxr_IxN, None, 0)
+  dx_IxN = backend.rotate_gather(dxr_IxN, g_RxBxB, perm_in, perm_in_inv, transpose=True)
+  dq_RxE = backend.cayley_backward(q_RxE, dg_RxBxB, block_size, neumann_terms, **_cayley_settings(x_IxN.dtype))
+  return dx_IxN.T, None, dq_RxE, None
 
 
-_rotated_linear.defvjp(_rotated_linear_fwd, _rotated_linear_bwd)
-
-
-def _both_sides_blocks(backend, q_in_RxE, q_out_RxE, block_size, neumann_terms, activation_dtype):
-  """`G_in`, `G_out` from one Cayley–Neumann call over both sides' blocks.
-
-  One launch set instead of two: the input side alone (16 blocks at 4096 wide,
-  b = 256) fills only half of an H100's multiprocessors. DEFAULT precision (TF32 on
-  GPUs) only rounds the `Q²` terms of `G`; merges use HIGHEST. With bfloat16
-  activations the Pallas kernels also read bfloat16 operands (see
-  `kernels/cayley_neumann.py`): the rotations round `G` to bfloat16 anyway.
-  """
-  operand_dtype = jnp.bfloat16 if activation_dtype == jnp.bfloat16 else jnp.float32
-  q_RxE = jnp.concatenate([q_in_RxE, q_out_RxE], axis=0)
-  g_RxBxB = backend.cayley_neumann(q_RxE, block_size, neumann_terms, jax.lax.Precision.DEFAULT, operand_dtype)
-  return g_RxBxB[: q_in_RxE.shape[0]], g_RxBxB[q_in_RxE.shape[0] :]
+_poet_layer.defvjp(_poet_layer_fwd, _poet_layer_bwd)
 
 
 def check_shapes(x_shape, k_shape, q_in_shape, q_out_shape, block_size: int) -> None:
@@ -146,11 +157,9 @@ def poet_linear(
   x_2d = x_NI.reshape(-1, x_NI.shape[-1])
 
   def local(x_2d, base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O):
-    g_in, g_out = _both_sides_blocks(backend, q_in_RxE, q_out_RxE, block_size, neumann_terms, x_2d.dtype)
-    return _rotated_linear(
-        backend, variant == "fast", precision, x_2d, base_kernel_IxO, g_in, g_out,
-        perm_in_inv_I, permutation.invert(perm_in_inv_I), perm_out_O, permutation.invert(perm_out_O),
-    )
+    perms = (perm_in_inv_I, permutation.invert(perm_in_inv_I), perm_out_O, permutation.invert(perm_out_O))
+    q_RxE = jnp.concatenate([q_in_RxE.astype(jnp.float32), q_out_RxE.astype(jnp.float32)], axis=0)
+    return _poet_layer(backend, variant == "fast", precision, block_size, neumann_terms, x_2d, base_kernel_IxO, q_RxE, perms)
 
   args = (x_2d, base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O)
   mesh = jax.sharding.get_abstract_mesh()

@@ -73,16 +73,36 @@ def rotate_rows(a_DxN: jax.Array, g_RxBxB: jax.Array, *, transpose: bool = False
   return out.astype(a_DxN.dtype).reshape(a_DxN.shape)
 
 
-def gather_rotate(a_DxN: jax.Array, perm_D: jax.Array, g_RxBxB: jax.Array, *, transpose: bool = False) -> jax.Array:
-  """Rows gathered by `perm`, then rotated: the input side of the forward (`x[..., perm]·BD(G)`)."""
+def _blocks_from(g_RxBxB: jax.Array, rows: int, block_offset: int) -> jax.Array:
+  """The blocks of `G` that `rows` rows use, starting at `block_offset`."""
+  block = g_RxBxB.shape[-1]
+  if rows % block or not 0 <= block_offset <= g_RxBxB.shape[0] - rows // block:
+    raise ValueError(
+        f"activations have {rows} rows and G has {g_RxBxB.shape[0]} blocks of {block}: the rows must be a"
+        f" multiple of {block}, and block_offset ({block_offset}) + rows/{block} at most {g_RxBxB.shape[0]}."
+    )
+  return jax.lax.slice_in_dim(g_RxBxB, block_offset, block_offset + rows // block)
+
+
+def gather_rotate(
+    a_DxN: jax.Array, perm_D: jax.Array, g_RxBxB: jax.Array, *, transpose: bool = False, block_offset: int = 0
+) -> jax.Array:
+  """Rows gathered by `perm`, then rotated: the input side of the forward (`x[..., perm]·BD(G)`).
+
+  `block_offset`: row block `r` uses `G[block_offset + r]` (one layer keeps both
+  sides' blocks in one array).
+  """
+  g_RxBxB = _blocks_from(g_RxBxB, a_DxN.shape[0], block_offset)
   return rotate_rows(jnp.take(a_DxN, perm_D, axis=0), g_RxBxB, transpose=transpose)
 
 
 def rotate_gather(
-    a_DxN: jax.Array, g_RxBxB: jax.Array, perm_D: jax.Array, perm_inv_D: jax.Array, *, transpose: bool = False
+    a_DxN: jax.Array, g_RxBxB: jax.Array, perm_D: jax.Array, perm_inv_D: jax.Array, *, transpose: bool = False,
+    block_offset: int = 0,
 ) -> jax.Array:
   """Rows rotated, then gathered by `perm` (a kernel may scatter by `perm_inv` instead)."""
   del perm_inv_D
+  g_RxBxB = _blocks_from(g_RxBxB, a_DxN.shape[0], block_offset)
   return jnp.take(rotate_rows(a_DxN, g_RxBxB, transpose=transpose), perm_D, axis=0)
 
 
@@ -96,3 +116,18 @@ def gathered_block_outer_sum(
     g_DxN = jnp.take(g_DxN, perm_g_D, axis=0)
   shape = (a_DxN.shape[0] // block_size, block_size, a_DxN.shape[-1])
   return einsum_f32("rbn,rcn->rbc", a_DxN.reshape(shape), g_DxN.reshape(shape))
+
+
+def block_outer_sum_into(into, a_DxN, perm_a_D, g_DxN, perm_g_D, block_offset: int) -> jax.Array:
+  """`gathered_block_outer_sum` written as blocks `block_offset…` of a float32 `(R', B, B)` result.
+
+  `into`: the result so far (its other blocks kept), or a `jax.ShapeDtypeStruct`
+  for a fresh one (its other blocks zero here; a kernel may leave them unwritten).
+  """
+  block = into.shape[-1]
+  if isinstance(into, jax.ShapeDtypeStruct):
+    into = jnp.zeros(into.shape, jnp.float32)
+  sums = gathered_block_outer_sum(a_DxN, perm_a_D, g_DxN, perm_g_D, block)
+  if not 0 <= block_offset <= into.shape[0] - sums.shape[0]:
+    raise ValueError(f"{sums.shape[0]} blocks from block {block_offset} on do not fit in {into.shape[0]}.")
+  return jax.lax.dynamic_update_slice_in_dim(into, sums.astype(jnp.float32), block_offset, axis=0)

@@ -55,6 +55,32 @@ class BlockRotationBase(KernelCase):
       assert relative_error(got, want) < self.tol(dtype)
 
 
+  @pytest.mark.parametrize("transpose", [False, True])
+  def test_block_offset_reads_later_blocks_and_zeroes_the_rest_of_dg(self, rng, transpose):
+    """With `block_offset` the rotation uses `G[offset:offset+R]`; the other blocks get zero cotangents."""
+    block, rows_blocks, tokens, offset = 32, 2, 40, 1
+    d = block * rows_blocks
+    a = jnp.asarray(rng.standard_normal((d, tokens)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((rows_blocks + 2, block, block)) / np.sqrt(block), jnp.float32)
+    perm = jnp.asarray(rng.permutation(d), jnp.int32)
+    fn = lambda a, g: block_rotation.block_rotate(
+        a, g, gather=perm, transpose=transpose, interpret=self.interpret, block_offset=offset
+    )
+    ref = lambda a, g: block_rotation.block_rotate_reference(a, g[offset : offset + rows_blocks], perm, None, transpose)
+    out, vjp = jax.vjp(fn, a, g)
+    out_ref, vjp_ref = jax.vjp(ref, a, g)
+    assert relative_error(out, out_ref) < self.tol("float32")
+    cot = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    (da, dg), (da_ref, dg_ref) = vjp(cot), vjp_ref(cot)
+    assert relative_error(da, da_ref) < self.tol("float32")
+    assert relative_error(dg, dg_ref) < self.tol("float32")
+    assert not jnp.any(dg[0]) and not jnp.any(dg[offset + rows_blocks :])
+
+  def test_block_offset_past_the_end_raises(self):
+    with pytest.raises(ValueError, match="block_offset"):
+      block_rotation.block_rotate(jnp.zeros((64, 8)), jnp.zeros((2, 32, 32)), block_offset=1, interpret=True)
+
+
 class BlockOuterSumBase(KernelCase):
   @pytest.mark.parametrize("block,rows_blocks,tokens", [(16, 3, 37), (32, 2, 100), (128, 1, 17)])
   @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -74,6 +100,32 @@ class BlockOuterSumBase(KernelCase):
     cot = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
     for got, want in zip(vjp(cot), vjp_ref(cot)):
       assert relative_error(got, want) < self.tol(dtype)
+
+
+  def test_into_writes_its_blocks_in_place_and_keeps_the_others(self, rng):
+    """Two sums fill one buffer (a layer's two sides); a third call overwrites only its blocks."""
+    block, tokens = 16, 33
+    a1, g1 = (jnp.asarray(rng.standard_normal((2 * block, tokens)), jnp.float32) for _ in range(2))
+    a2, g2 = (jnp.asarray(rng.standard_normal((3 * block, tokens)), jnp.float32) for _ in range(2))
+    perm = jnp.asarray(rng.permutation(3 * block), jnp.int32)
+    fresh = jax.ShapeDtypeStruct((5, block, block), jnp.float32)
+    out = block_outer_sum.block_outer_sum_into(fresh, a1, None, g1, None, 3, interpret=self.interpret)
+    out = block_outer_sum.block_outer_sum_into(out, a2, None, g2, perm, 0, interpret=self.interpret)
+    want = jnp.concatenate([
+        block_outer_sum.block_outer_sum_reference(a2, None, g2, perm, block),
+        block_outer_sum.block_outer_sum_reference(a1, None, g1, None, block),
+    ])
+    assert relative_error(out, want) < self.tol("float32")
+    again = block_outer_sum.block_outer_sum_into(out, g1, None, a1, None, 1, interpret=self.interpret)
+    np.testing.assert_array_equal(again[0], out[0])
+    np.testing.assert_array_equal(again[3:], out[3:])
+    assert relative_error(again[1:3], block_outer_sum.block_outer_sum_reference(g1, None, a1, None, block)) < self.tol("float32")
+
+  def test_into_without_room_raises(self):
+    with pytest.raises(ValueError, match="room for 2 blocks"):
+      block_outer_sum.block_outer_sum_into(
+          jnp.zeros((2, 16, 16)), jnp.zeros((32, 4)), None, jnp.zeros((32, 4)), None, 1, interpret=True
+      )
 
 
 class CayleyNeumannBase(KernelCase):
@@ -111,6 +163,19 @@ class CayleyNeumannBase(KernelCase):
     two_q = 2 * skew.skew_from_packed(q_small, block)
     rounding_of_2q = jnp.max(jnp.abs(two_q.astype(jnp.bfloat16).astype(jnp.float32) - two_q))
     assert jnp.max(jnp.abs(got - want)) < 0.25 * rounding_of_2q
+
+  @pytest.mark.parametrize("out_dtype", ["float32", "bfloat16"])
+  def test_split_forward_and_backward_match_the_differentiable_map(self, rng, out_dtype):
+    """What a layer's own VJP uses: `G` stored in `out_dtype`, `dq` from a float32 `dG`."""
+    block, blocks = 64, 3
+    q = jnp.asarray(0.1 * rng.standard_normal((blocks, skew.packed_size(block))), jnp.float32)
+    kw = dict(operand_dtype=jnp.bfloat16, interpret=self.interpret)
+    g_full, vjp = jax.vjp(lambda v: cayley_kernel.cayley_neumann(v, block, **kw), q)
+    g = cayley_kernel.cayley_neumann_forward(q, block, out_dtype=out_dtype, **kw)
+    assert g.dtype == jnp.dtype(out_dtype)
+    np.testing.assert_array_equal(g, g_full.astype(out_dtype))
+    dg = jnp.asarray(rng.standard_normal(g.shape), jnp.float32)
+    np.testing.assert_array_equal(cayley_kernel.cayley_neumann_backward(q, dg, block, **kw), vjp(dg)[0])
 
   def test_zero_is_identity(self):
     out = cayley_kernel.cayley_neumann(jnp.zeros((2, skew.packed_size(32))), 32, interpret=self.interpret)
@@ -164,8 +229,16 @@ def test_every_kernel_lowers_to_triton_for_an_h100(block):
   cayley_fb = lambda q, g: forward_and_vjp(
       lambda v: cayley_kernel.cayley_neumann(v, block, operand_dtype=jnp.bfloat16), (q,), g
   )
+  def two_sided_sums(a, p):  # a layer's backward: one buffer, filled in place by two calls
+    fresh = jax.ShapeDtypeStruct((2 * blocks, block, block), jnp.float32)
+    out = block_outer_sum.block_outer_sum_into(fresh, a, None, a, p, blocks)
+    return block_outer_sum.block_outer_sum_into(out, a, p, a, None, 0)
+
+  bf16_blocks = lambda q: cayley_kernel.cayley_neumann_forward(q, block, operand_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16)
   for fn, args, names in (
       (rotate, (a, g, p), ("poetx_block_rotate", "poetx_block_outer_sum")),
+      (two_sided_sums, (a, p), ("poetx_block_outer_sum",)),
+      (bf16_blocks, (q,), ("poetx_cayley_neumann",)),
       (cayley_fb, (q, g), ("poetx_cayley_square", "poetx_cayley_neumann", "poetx_cayley_grad2", "poetx_cayley_dq",
                            "poetx_cayley_pack")),
   ):

@@ -29,10 +29,12 @@ def block_outer_sum_reference(a_DxN, perm_a, g_DxN, perm_g, block_size):
   )
 
 
-def _kernel(*refs, block, tokens_total, tiles, gather_a, gather_g):
+def _kernel(*refs, block, block_offset, tokens_total, tiles, gather_a, gather_g, aliased):
   refs = list(refs)
   perm_a_ref = refs.pop(0) if gather_a else None
   perm_g_ref = refs.pop(0) if gather_g else None
+  if aliased:
+    refs.pop(0)  # the buffer written in place: its output ref is the same memory
   a_ref, g_ref, o_ref = refs
   r, row_tile, col_tile = tb.program_id(0), tb.program_id(1), tb.program_id(2)
   rows = row_tile * tiles.rows + jnp.arange(tiles.rows)
@@ -53,29 +55,47 @@ def _kernel(*refs, block, tokens_total, tiles, gather_a, gather_g):
 
   steps = tb.cdiv(tokens_total, tiles.depth)
   acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((tiles.rows, tiles.cols), jnp.float32))
-  tb.store(o_ref.at[r, rows[:, None], cols[None, :]], acc)
+  tb.store(o_ref.at[r + block_offset, rows[:, None], cols[None, :]], acc)
 
 
-def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles=None):
+def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles=None, into=None, block_offset=0):
+  """`into`: None (a fresh `(R, B, B)` result), an array to write blocks `block_offset…`
+  of in place (aliased), or a `ShapeDtypeStruct` for a fresh buffer of that shape."""
   d, n = a_DxN.shape
   if g_DxN.shape != a_DxN.shape or d % block_size:
     raise ValueError(f"need two (D, N) arrays with D divisible by {block_size}; got {a_DxN.shape} and {g_DxN.shape}.")
   num_blocks = d // block_size
+  if into is None:
+    into = jax.ShapeDtypeStruct((num_blocks, block_size, block_size), jnp.float32)
+  if into.shape[1:] != (block_size, block_size) or into.dtype != jnp.float32 or not (
+      0 <= block_offset <= into.shape[0] - num_blocks
+  ):
+    raise ValueError(
+        f"the result buffer must be float32 (R', {block_size}, {block_size}) with room for {num_blocks}"
+        f" blocks from block {block_offset} on; got {into.dtype} {into.shape}."
+    )
+  aliased = not isinstance(into, jax.ShapeDtypeStruct)
   tiles = tiles or block_sizes.outer_sum_tiles(block_size, n)
   kernel = functools.partial(
-      _kernel, block=block_size, tokens_total=n, tiles=tiles, gather_a=perm_a is not None, gather_g=perm_g is not None
+      _kernel, block=block_size, block_offset=block_offset, tokens_total=n, tiles=tiles,
+      gather_a=perm_a is not None, gather_g=perm_g is not None, aliased=aliased,
   )
-  perms = [p.astype(jnp.int32) for p in (perm_a, perm_g) if p is not None]
+  operands = [p.astype(jnp.int32) for p in (perm_a, perm_g) if p is not None]
+  aliases = {}
+  if aliased:
+    aliases = {len(operands): 0}
+    operands.append(into)
   call = tb.pallas_call(
       kernel,
       grid=(num_blocks, block_size // tiles.rows, block_size // tiles.cols),
-      out_shape=jax.ShapeDtypeStruct((num_blocks, block_size, block_size), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct(into.shape, jnp.float32),
       name="poetx_block_outer_sum",
       interpret=interpret,
       num_warps=tiles.num_warps,
       num_stages=tiles.num_stages,
+      input_output_aliases=aliases,
   )
-  return call(*perms, a_DxN, g_DxN)
+  return call(*operands, a_DxN, g_DxN)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -111,3 +131,20 @@ def block_outer_sum(a_DxN, perm_a, g_DxN, perm_g, block_size, *, interpret=False
     interpret: run in the Pallas interpreter.
   """
   return _outer_sum(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret)
+
+
+def block_outer_sum_into(into, a_DxN, perm_a, g_DxN, perm_g, block_offset, *, interpret=False):
+  """`block_outer_sum` written as blocks `block_offset…` of a larger result, for a caller's own VJP.
+
+  Not differentiable. One layer's two sides fill one `(R_in + R_out, B, B)` cotangent
+  this way, with no concatenation or padding copied afterwards.
+
+  Args:
+    into: a float32 `(R', B, B)` array, updated in place (its other blocks kept), or
+      a `jax.ShapeDtypeStruct` of that shape for a fresh buffer whose other blocks
+      are left unwritten (the caller fills them with another call).
+    a_DxN, perm_a, g_DxN, perm_g: as for `block_outer_sum`.
+    block_offset: where the `D / B` blocks of this sum go.
+    interpret: run in the Pallas interpreter.
+  """
+  return _launch(a_DxN, perm_a, g_DxN, perm_g, into.shape[-1], interpret, into=into, block_offset=block_offset)

@@ -38,12 +38,13 @@ def block_rotate_reference(a_DxN, g_RxBxB, gather=None, scatter=None, transpose=
   return jnp.zeros_like(rot).at[scatter].set(rot)
 
 
-def _kernel(*refs, block, tokens_total, tiles, transpose, gather, scatter):
+def _kernel(*refs, block, block_offset, tokens_total, tiles, transpose, gather, scatter):
   refs = list(refs)
   gather_ref = refs.pop(0) if gather else None
   scatter_ref = refs.pop(0) if scatter else None
   a_ref, g_ref, o_ref = refs
   r, row_tile, token_tile = tb.program_id(0), tb.program_id(1), tb.program_id(2)
+  g_r = r + block_offset  # this row block's G among all the blocks passed
   rows = row_tile * tiles.rows + jnp.arange(tiles.rows)  # output rows within the block
   tokens = token_tile * tiles.tokens + jnp.arange(tiles.tokens)
   token_mask = (tokens < tokens_total)[None, :]
@@ -55,9 +56,9 @@ def _kernel(*refs, block, tokens_total, tiles, transpose, gather, scatter):
       source = tb.load(gather_ref.at[source])
     a = tb.load(a_ref.at[source[:, None], tokens[None, :]], mask=token_mask, other=0)
     if transpose:  # M_r = G_r: M[c, b] = G[r, c, b]
-      m = tb.load(g_ref.at[r, rows[:, None], inner[None, :]])
+      m = tb.load(g_ref.at[g_r, rows[:, None], inner[None, :]])
     else:  # M_r = G_rᵀ: M[c, b] = G[r, b, c]
-      m = tb.load(g_ref.at[r, inner[:, None], rows[None, :]]).T
+      m = tb.load(g_ref.at[g_r, inner[:, None], rows[None, :]]).T
     return acc + tb.dot(m, a)
 
   acc = jax.lax.fori_loop(0, block // tiles.depth, step, jnp.zeros((tiles.rows, tiles.tokens), jnp.float32))
@@ -67,16 +68,16 @@ def _kernel(*refs, block, tokens_total, tiles, transpose, gather, scatter):
   tb.store(o_ref.at[dest[:, None], tokens[None, :]], acc.astype(o_ref.dtype), mask=token_mask)
 
 
-def _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, tiles=None):
-  num_blocks, block, _ = g_RxBxB.shape
+def _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, tiles=None, block_offset=0):
+  _, block, _ = g_RxBxB.shape
   d, n = a_DxN.shape
-  if d != num_blocks * block:
-    raise ValueError(f"activations have {d} rows; {num_blocks} blocks of {block} need {num_blocks * block}.")
+  num_blocks = _blocks_used(d, g_RxBxB, block_offset)
   tiles = tiles or block_sizes.rotation_tiles(block, n)
-  # Every token tile re-reads its block's G: cast once here (a few MB), not per tile.
+  # Every token tile re-reads its block's G: cast once (a no-op when the caller
+  # already holds G in the activations' dtype, as the layer does), not per tile.
   g_RxBxB = g_RxBxB.astype(a_DxN.dtype)
   kernel = functools.partial(
-      _kernel, block=block, tokens_total=n, tiles=tiles, transpose=transpose,
+      _kernel, block=block, block_offset=block_offset, tokens_total=n, tiles=tiles, transpose=transpose,
       gather=gather is not None, scatter=scatter is not None,
   )
   perms = [p.astype(jnp.int32) for p in (gather, scatter) if p is not None]
@@ -92,55 +93,77 @@ def _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, tiles=None):
   return call(*perms, a_DxN, g_RxBxB)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _block_rotate(a_DxN, g_RxBxB, gather, scatter, transpose, interpret):
-  return _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret)
+def _blocks_used(rows, g_RxBxB, block_offset):
+  """How many blocks `rows` rows take, checked against the blocks `G` holds from `block_offset` on."""
+  total, block, _ = g_RxBxB.shape
+  if rows % block or not 0 <= block_offset <= total - rows // block:
+    raise ValueError(
+        f"activations have {rows} rows and G has {total} blocks of {block}: the rows must be a"
+        f" multiple of {block}, and block_offset ({block_offset}) + rows/{block} at most {total}."
+    )
+  return rows // block
 
 
-def _block_rotate_fwd(a_DxN, g_RxBxB, gather, scatter, transpose, interpret):
-  return _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret), (a_DxN, g_RxBxB, gather, scatter)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _block_rotate(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, block_offset):
+  return _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, block_offset=block_offset)
 
 
-def _block_rotate_bwd(transpose, interpret, residuals, dout_DxN):
+def _block_rotate_fwd(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, block_offset):
+  out = _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, block_offset=block_offset)
+  return out, (a_DxN, g_RxBxB, gather, scatter)
+
+
+def _block_rotate_bwd(transpose, interpret, block_offset, residuals, dout_DxN):
   a_DxN, g_RxBxB, gather, scatter = residuals
   block = g_RxBxB.shape[-1]
   # d(gathered a) = rot with the other orientation of d(rot) = dout gathered by `scatter`;
   # scattered back by `gather`.
-  da = _block_rotate(dout_DxN, g_RxBxB, scatter, gather, not transpose, interpret)
+  da = _block_rotate(dout_DxN, g_RxBxB, scatter, gather, not transpose, interpret, block_offset)
+  if a_DxN.shape[0] == g_RxBxB.shape[0] * block:  # every block of G used: a fresh buffer
+    into = jax.ShapeDtypeStruct(g_RxBxB.shape, jnp.float32)
+  else:  # the blocks of G this call did not use get zero cotangents
+    into = jnp.zeros(g_RxBxB.shape, jnp.float32)
   if transpose:  # rot[c] = Σ_b G[c, b] x[b]  ->  dG[c, b] = Σ_n drot[c] x[b]
-    dg = block_outer_sum.block_outer_sum(dout_DxN, scatter, a_DxN, gather, block, interpret=interpret)
+    dg = block_outer_sum.block_outer_sum_into(into, dout_DxN, scatter, a_DxN, gather, block_offset, interpret=interpret)
   else:  # rot[c] = Σ_b G[b, c] x[b]  ->  dG[b, c] = Σ_n x[b] drot[c]
-    dg = block_outer_sum.block_outer_sum(a_DxN, gather, dout_DxN, scatter, block, interpret=interpret)
+    dg = block_outer_sum.block_outer_sum_into(into, a_DxN, gather, dout_DxN, scatter, block_offset, interpret=interpret)
   return da, dg.astype(g_RxBxB.dtype), None, None
 
 
 _block_rotate.defvjp(_block_rotate_fwd, _block_rotate_bwd)
 
 
-def block_rotate(a_DxN, g_RxBxB, *, gather=None, scatter=None, transpose=False, interpret=False):
+def block_rotate(a_DxN, g_RxBxB, *, gather=None, scatter=None, transpose=False, interpret=False, block_offset=0):
   """Rotates each block of `B` rows of `a` by its `G_r` (fused gathers/scatters), differentiable.
 
   Args:
     a_DxN: `(D, N)` activations, `D = R·B`, any float dtype (the product runs in it,
       accumulating in float32).
-    g_RxBxB: `(R, B, B)` blocks (cast to `a`'s dtype tile by tile).
+    g_RxBxB: `(R', B, B)` blocks (cast to `a`'s dtype), `R' >= block_offset + R`.
     gather: optional `(D,)` int32: read row `gather[i]` where row `i` is needed.
     scatter: optional `(D,)` int32 permutation: write result row `j` to `scatter[j]`.
     transpose: use `G_r` instead of `G_rᵀ` (the backward of a rotation).
     interpret: run in the Pallas interpreter (any backend).
+    block_offset: row block `r` uses `G[block_offset + r]`: one layer keeps both
+      sides' blocks in one array, with no slice copied out of it.
 
   Returns:
     `(D, N)` in `a`'s dtype.
   """
-  return _block_rotate(a_DxN, g_RxBxB, gather, scatter, transpose, interpret)
+  return _block_rotate(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, block_offset)
 
 
-def gather_rotate(a_DxN, perm_D, g_RxBxB, *, transpose=False, interpret=False):
+def gather_rotate(a_DxN, perm_D, g_RxBxB, *, transpose=False, interpret=False, block_offset=0):
   """`rotation.gather_rotate`: rows gathered by `perm`, then rotated."""
-  return block_rotate(a_DxN, g_RxBxB, gather=perm_D, transpose=transpose, interpret=interpret)
+  return block_rotate(
+      a_DxN, g_RxBxB, gather=perm_D, transpose=transpose, interpret=interpret, block_offset=block_offset
+  )
 
 
-def rotate_gather(a_DxN, g_RxBxB, perm_D, perm_inv_D, *, transpose=False, interpret=False):
+def rotate_gather(a_DxN, g_RxBxB, perm_D, perm_inv_D, *, transpose=False, interpret=False, block_offset=0):
   """`rotation.rotate_gather`: rotated, then gathered by `perm` (a scatter by `perm_inv`)."""
   del perm_D
-  return block_rotate(a_DxN, g_RxBxB, scatter=perm_inv_D, transpose=transpose, interpret=interpret)
+  return block_rotate(
+      a_DxN, g_RxBxB, scatter=perm_inv_D, transpose=transpose, interpret=interpret, block_offset=block_offset
+  )

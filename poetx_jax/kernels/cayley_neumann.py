@@ -118,7 +118,7 @@ def _neumann_kernel(packed_ref, q2_ref, p_ref, o_ref, *, block, tiles, precision
   # 2Q from the packed float32 vector: bfloat16 operands round only the Q² terms.
   exact_q = _skew_tile(packed_ref, r, i, j, block)
   g = acc + 2.0 * (exact_q + _f32(q2_ref.at[r, i, j])) + jnp.where(i == j, 1.0, 0.0)
-  tb.store(o_ref.at[r, i, j], g)
+  tb.store(o_ref.at[r, i, j], g.astype(o_ref.dtype))
 
 
 def _grad2_kernel(q_ref, dg_ref, dg32_ref, g2_ref, l_ref, *, block, tiles, precision):
@@ -199,12 +199,12 @@ def _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, s
   return q, q2, poly
 
 
-def _forward(q_RxE, block, operand_dtype, precision, interpret, tiles=None):
+def _forward(q_RxE, block, operand_dtype, precision, interpret, tiles=None, out_dtype=jnp.float32):
   tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype)
   _, q2, p = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, sign=1)
   neumann = functools.partial(_neumann_kernel, precision=precision)
   return _square_blocks(
-      neumann, "poetx_cayley_neumann", q_RxE.shape[0], block, tiles, interpret, (jnp.float32,), q_RxE, q2, p
+      neumann, "poetx_cayley_neumann", q_RxE.shape[0], block, tiles, interpret, (out_dtype,), q_RxE, q2, p
   )
 
 
@@ -248,6 +248,17 @@ def _cayley_bwd(block, operand_dtype, precision, interpret, q_RxE, dg_RxBxB):
 _cayley.defvjp(_cayley_fwd, _cayley_bwd)
 
 
+def _checked(q_RxE, block_size, operand_dtype):
+  if not block_sizes.covers(block_size):
+    raise ValueError(f"the Pallas Cayley–Neumann kernel needs a power-of-two block size >= 16, got {block_size}.")
+  if q_RxE.ndim != 2 or q_RxE.shape[-1] != skew.packed_size(block_size):
+    raise ValueError(f"q must be (R, {skew.packed_size(block_size)}) for block size {block_size}, got {q_RxE.shape}.")
+  operand_dtype = jnp.dtype(operand_dtype)
+  if operand_dtype not in OPERAND_DTYPES:
+    raise ValueError(f"operand_dtype must be float32 or bfloat16, got {operand_dtype}.")
+  return q_RxE.astype(jnp.float32), operand_dtype
+
+
 def cayley_neumann(q_RxE, block_size: int, *, operand_dtype=jnp.float32, precision=None, interpret: bool = False):
   """`G = I + 2Q + 2Q² + 2Q³ + Q⁴` from packed generators, with the fused backward.
 
@@ -266,11 +277,25 @@ def cayley_neumann(q_RxE, block_size: int, *, operand_dtype=jnp.float32, precisi
     ValueError: for a block size the tiles cannot cover, a mismatched `E` or an
       unsupported operand dtype.
   """
-  if not block_sizes.covers(block_size):
-    raise ValueError(f"the Pallas Cayley–Neumann kernel needs a power-of-two block size >= 16, got {block_size}.")
-  if q_RxE.ndim != 2 or q_RxE.shape[-1] != skew.packed_size(block_size):
-    raise ValueError(f"q must be (R, {skew.packed_size(block_size)}) for block size {block_size}, got {q_RxE.shape}.")
-  operand_dtype = jnp.dtype(operand_dtype)
-  if operand_dtype not in OPERAND_DTYPES:
-    raise ValueError(f"operand_dtype must be float32 or bfloat16, got {operand_dtype}.")
-  return _cayley(q_RxE.astype(jnp.float32), block_size, operand_dtype, precision, interpret)
+  q_RxE, operand_dtype = _checked(q_RxE, block_size, operand_dtype)
+  return _cayley(q_RxE, block_size, operand_dtype, precision, interpret)
+
+
+def cayley_neumann_forward(
+    q_RxE, block_size: int, *, operand_dtype=jnp.float32, out_dtype=jnp.float32, precision=None, interpret=False
+):
+  """The forward kernels alone, `G` stored in `out_dtype`: for a caller with its own VJP.
+
+  A layer whose rotations read `G` in bfloat16 takes it in bfloat16 straight from the
+  kernel (no float32 copy to cast), and pairs this with `cayley_neumann_backward`,
+  which takes the float32 `dG` its own backward produces. Arguments as for
+  `cayley_neumann`.
+  """
+  q_RxE, operand_dtype = _checked(q_RxE, block_size, operand_dtype)
+  return _forward(q_RxE, block_size, operand_dtype, precision, interpret, out_dtype=jnp.dtype(out_dtype))
+
+
+def cayley_neumann_backward(q_RxE, dg_RxBxB, block_size: int, *, operand_dtype=jnp.float32, precision=None, interpret=False):
+  """`dq` (float32 `(R, E)`) for a float32 cotangent `dG` of `cayley_neumann(q)`: the backward kernels alone."""
+  q_RxE, operand_dtype = _checked(q_RxE, block_size, operand_dtype)
+  return _backward(q_RxE, dg_RxBxB.astype(jnp.float32), block_size, operand_dtype, precision, interpret)

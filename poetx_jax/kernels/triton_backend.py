@@ -21,7 +21,10 @@ program_id = pl.program_id
 cdiv = pl.cdiv
 
 
-def pallas_call(kernel, *, grid, out_shape, name: str, interpret: bool, num_warps: int = 4, num_stages: int = 2):
+def pallas_call(
+    kernel, *, grid, out_shape, name: str, interpret: bool, num_warps: int = 4, num_stages: int = 2,
+    input_output_aliases=None,
+):
   """`pl.pallas_call` with explicit Triton compiler params (jax 0.10 picks Mosaic GPU without them)."""
   return pl.pallas_call(
       kernel,
@@ -30,6 +33,7 @@ def pallas_call(kernel, *, grid, out_shape, name: str, interpret: bool, num_warp
       interpret=interpret,
       name=name,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      input_output_aliases=input_output_aliases or {},
   )
 
 
