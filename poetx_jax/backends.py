@@ -34,23 +34,25 @@ class Backend:
   """
 
   name: str
-  # (q_RxE, block_size, neumann_terms, precision, operand_dtype, out_dtype) -> G (R, B, B)
-  cayley_forward: Callable[..., jax.Array]
-  # (q_RxE, dG_RxBxB float32, block_size, neumann_terms, precision, operand_dtype) -> dq (R, E) float32
+  # (q_RxE, block_size, neumann_terms, precision, operand_dtype, out_dtype, keep_state)
+  #   -> (G (R, B, B) in out_dtype, state): state, arrays or None, saves the backward work
+  cayley_forward: Callable[..., tuple]
+  # (q_RxE, dG_RxBxB float32, block_size, neumann_terms, precision, operand_dtype, state) -> dq (R, E) float32
   cayley_backward: Callable[..., jax.Array]
   gather_rotate: Callable[..., jax.Array]  # rotation.gather_rotate
   rotate_gather: Callable[..., jax.Array]  # rotation.rotate_gather
   block_outer_sum_into: Callable[..., jax.Array]  # rotation.block_outer_sum_into
 
 
-def xla_cayley_forward(q_RxE, block_size, neumann_terms, precision, operand_dtype, out_dtype):
-  """The XLA map ignores `operand_dtype`: it is the reference and multiplies in float32."""
-  del operand_dtype
-  return cayley.cayley_neumann(q_RxE, block_size, neumann_terms, precision).astype(out_dtype)
+def xla_cayley_forward(q_RxE, block_size, neumann_terms, precision, operand_dtype, out_dtype, keep_state=False):
+  """The XLA map ignores `operand_dtype`: it is the reference and multiplies in float32.
+  It keeps no state: its backward is autodiff's, which recomputes what it needs."""
+  del operand_dtype, keep_state
+  return cayley.cayley_neumann(q_RxE, block_size, neumann_terms, precision).astype(out_dtype), None
 
 
-def xla_cayley_backward(q_RxE, dg_RxBxB, block_size, neumann_terms, precision, operand_dtype):
-  del operand_dtype
+def xla_cayley_backward(q_RxE, dg_RxBxB, block_size, neumann_terms, precision, operand_dtype, state=None):
+  del operand_dtype, state
   _, vjp = jax.vjp(lambda q: cayley.cayley_neumann(q, block_size, neumann_terms, precision), q_RxE)
   return vjp(dg_RxBxB.astype(jnp.float32))[0]
 

@@ -5,8 +5,10 @@ products and one large GEMM. The backward is written by hand (a `custom_vjp`) so
 that gathers transpose into inverse gathers, `K_s` gets no gradient (so there is
 no third GEMM), and the two variants differ only in what they keep:
 
-* `fast` keeps `x` and `h = x[perm_in_inv]·BD(G_in)·K_s`;
-* `mem` keeps only `x` and recomputes `h` in the backward (one extra GEMM).
+* `fast` keeps `x`, `h = x[perm_in_inv]·BD(G_in)·K_s` and the Cayley–Neumann
+  map's intermediates (`Q`, `Q²`, `Q² − 2Q` per block, Pallas only);
+* `mem` keeps only `x` (and `G`) and recomputes the rest in the backward (one extra
+  large GEMM, two small Cayley kernels).
 
 Inside the layer activations are feature-major (`(D, N)`, see `rotation.py`), so
 every permutation moves whole rows of tokens.
@@ -59,19 +61,21 @@ def _cayley_settings(x_dtype):
 
 def _poet_layer_fwd(backend, keep_hidden, precision, block_size, neumann_terms, x_NI, k_IxO, q_RxE, perms):
   perm_in_inv, _, perm_out, perm_out_inv = perms
-  g_RxBxB = backend.cayley_forward(
-      q_RxE, block_size, neumann_terms, out_dtype=x_NI.dtype, **_cayley_settings(x_NI.dtype)
+  # fast also keeps what the Cayley backward would recompute (`Q`, `Q2`, `Q2 − 2Q`:
+  # 3·B² operand-dtype values per block), mem recomputes it.
+  g_RxBxB, cayley_state = backend.cayley_forward(
+      q_RxE, block_size, neumann_terms, out_dtype=x_NI.dtype, keep_state=keep_hidden, **_cayley_settings(x_NI.dtype)
   )
   x_IxN = x_NI.T  # feature-major inside the layer: permutations move whole rows
   h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
   y_OxN = backend.rotate_gather(h_OxN, g_RxBxB, perm_out, perm_out_inv, block_offset=x_NI.shape[-1] // block_size)
   saved_h = h_OxN if keep_hidden else None
-  return y_OxN.T, (x_IxN, saved_h, k_IxO, q_RxE, g_RxBxB, perms)
+  return y_OxN.T, (x_IxN, saved_h, k_IxO, q_RxE, g_RxBxB, cayley_state, perms)
 
 
 def _poet_layer_bwd(backend, keep_hidden, precision, block_size, neumann_terms, residuals, dy_NO):
   del keep_hidden
-  x_IxN, h_OxN, k_IxO, q_RxE, g_RxBxB, perms = residuals
+  x_IxN, h_OxN, k_IxO, q_RxE, g_RxBxB, cayley_state, perms = residuals
   perm_in_inv, perm_in, _, perm_out_inv = perms
   blocks_in = x_IxN.shape[0] // block_size
   if h_OxN is None:  # mem: recompute the hidden state, one extra large GEMM
@@ -86,7 +90,9 @@ def _poet_layer_bwd(backend, keep_hidden, precision, block_size, neumann_terms, 
   # dG_in[j] = Σ xp_jᵀ dxr_j with xp = x[..., perm_in_inv]; dx = (dxr · BD(G_in)ᵀ)[..., perm_in].
   dg_RxBxB = backend.block_outer_sum_into(dg_RxBxB, x_IxN, perm_in_inv, dxr_IxN, None, 0)
   dx_IxN = backend.rotate_gather(dxr_IxN, g_RxBxB, perm_in, perm_in_inv, transpose=True)
-  dq_RxE = backend.cayley_backward(q_RxE, dg_RxBxB, block_size, neumann_terms, **_cayley_settings(x_IxN.dtype))
+  dq_RxE = backend.cayley_backward(
+      q_RxE, dg_RxBxB, block_size, neumann_terms, state=cayley_state, **_cayley_settings(x_IxN.dtype)
+  )
   return dx_IxN.T, None, dq_RxE, None
 
 

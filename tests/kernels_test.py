@@ -176,6 +176,13 @@ class CayleyNeumannBase(KernelCase):
     np.testing.assert_array_equal(g, g_full.astype(out_dtype))
     dg = jnp.asarray(rng.standard_normal(g.shape), jnp.float32)
     np.testing.assert_array_equal(cayley_kernel.cayley_neumann_backward(q, dg, block, **kw), vjp(dg)[0])
+    # Kept state: the same G, and the same dq with the backward's first two kernels skipped.
+    g_kept, state = cayley_kernel.cayley_neumann_forward(q, block, out_dtype=out_dtype, keep_state=True, **kw)
+    np.testing.assert_array_equal(g_kept, g)
+    q_dense = skew.skew_from_packed(q, block)
+    assert relative_error(state[0].astype(jnp.float32), q_dense) < 1e-2
+    assert relative_error(state[2].astype(jnp.float32), q_dense @ q_dense - 2 * q_dense) < 1e-2
+    np.testing.assert_array_equal(cayley_kernel.cayley_neumann_backward(q, dg, block, state=state, **kw), vjp(dg)[0])
 
   def test_zero_is_identity(self):
     out = cayley_kernel.cayley_neumann(jnp.zeros((2, skew.packed_size(32))), 32, interpret=self.interpret)
@@ -247,13 +254,14 @@ def test_every_kernel_lowers_to_triton_for_an_h100(block):
       assert f'name = "{name}"' in module, name
 
 
-def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_times():
+@pytest.mark.parametrize("variant", ["fast", "mem"])
+def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_times(variant):
   """A wrapped two-layer model's jitted, rematerialized loss + gradient, lowered for an H100.
 
   Per wrapped layer: the forward runs 2 rotations (gather, scatter) and, for both sides
   at once, the 3 Cayley–Neumann forward kernels (unpack, square, Neumann); the backward
-  runs 2 more rotations, 2 outer sums and 5 Cayley kernels (unpack, square, ∇2, dense
-  dQ, packing).
+  runs 2 more rotations, 2 outer sums and 3 Cayley kernels (∇2, dense dQ, packing), plus
+  unpack and square again for `mem`, which does not keep their results.
   Rematerialization (`jax.checkpoint`) re-runs the forward inside the backward, keeping
   only what the backward needs.
   """
@@ -267,7 +275,7 @@ def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_t
     def __call__(self, x):
       return nn.Dense(64, use_bias=False, name="b")(jnp.tanh(nn.Dense(64, use_bias=False, name="a")(x)))
 
-  config = poetx_jax.POETConfig(block_size=32, implementation="pallas", exclude=r"^$")
+  config = poetx_jax.POETConfig(block_size=32, implementation="pallas", exclude=r"^$", variant=variant)
   model = poetx_jax.wrap(TwoLayers(), config)
   x = jnp.ones((40, 64), jnp.bfloat16)
   shapes_only = poetx_jax.wrap(TwoLayers(), dataclasses.replace(config, implementation="xla"))
@@ -279,13 +287,15 @@ def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_t
 
   module = triton_backend.lower_for_h100(train_step, variables, jax.ShapeDtypeStruct(x.shape, x.dtype))
   layers = 2
+  recomputed = 1 if variant == "mem" else 0
   expected = {
       # forward, backward, forward again (remat) -- but the recomputed forward of the last
       # layer needs only h, not its output rotation, so that one launch is dead code.
-      "poetx_block_rotate": layers * (2 + 2 + 2) - 1,
+      # mem's backward rotates the input again to recompute h.
+      "poetx_block_rotate": layers * (2 + 2 + 2 + recomputed) - 1,
       "poetx_block_outer_sum": layers * 2,
-      "poetx_cayley_skew": layers * (1 + 1 + 1),  # forward, forward again, backward
-      "poetx_cayley_square": layers * (1 + 1 + 1),
+      "poetx_cayley_skew": layers * (1 + 1 + recomputed),  # forward, forward again, (backward)
+      "poetx_cayley_square": layers * (1 + 1 + recomputed),
       "poetx_cayley_neumann": layers * (1 + 1),
       "poetx_cayley_grad2": layers,
       "poetx_cayley_dq": layers,

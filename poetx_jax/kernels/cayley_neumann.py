@@ -9,7 +9,9 @@ each polynomial operand is formed once, in the epilogue of the kernel before it
 (computing `2Q + Q2` inside the loop of the next kernel cost a conversion per
 loaded element per output tile, and kept the loads from being pipelined):
 
-* forward: `Q`; then `Q2` with `P = Q2 + 2Q`; then `G = Q2·P + 2(Q + Q2) + I`;
+* forward: `Q`; then `Q2` with `P = Q2 + 2Q` (and `M` below, when the caller keeps
+  `Q`, `Q2`, `M` for the backward, which then skips its first two kernels); then
+  `G = Q2·P + 2(Q + Q2) + I`;
 * backward (SPEC §3, with `Qᵀ = −Q`, `Q2ᵀ = Q2`): `Q`; then `Q2` with `M = Q2 − 2Q`;
   then `∇2 = −(dG·Q + Q·dG)` with `L = ∇2 + 2dG`; then the dense
   `dQ = L·Q2 + M·∇2 + 2(dG + ∇2)`; then a packing kernel whose programs each read
@@ -91,8 +93,8 @@ def _inner(k, tiles):
   return k * tiles.depth + jnp.arange(tiles.depth)
 
 
-def _square_kernel(q_ref, q2_ref, poly_ref, *, block, tiles, precision, sign):
-  """`Q2 = Q·Q`, and the next product's operand `Q2 + sign·2Q` (`P` forward, `M` backward)."""
+def _square_kernel(q_ref, q2_ref, *poly_refs, block, tiles, precision, signs):
+  """`Q2 = Q·Q`, and the next products' operands `Q2 + s·2Q` for `s` in `signs` (`P`: +1, `M`: −1)."""
   r = tb.program_id(2)
   i, j = _tile_indices(tiles)
 
@@ -102,7 +104,9 @@ def _square_kernel(q_ref, q2_ref, poly_ref, *, block, tiles, precision, sign):
 
   q2 = _reduce(tiles, block, step)
   tb.store(q2_ref.at[r, i, j], q2.astype(q2_ref.dtype))
-  tb.store(poly_ref.at[r, i, j], (q2 + (2.0 * sign) * _f32(q_ref.at[r, i, j])).astype(poly_ref.dtype))
+  q = _f32(q_ref.at[r, i, j])
+  for sign, poly_ref in zip(signs, poly_refs):
+    tb.store(poly_ref.at[r, i, j], (q2 + (2.0 * sign) * q).astype(poly_ref.dtype))
 
 
 def _neumann_kernel(packed_ref, q2_ref, p_ref, o_ref, *, block, tiles, precision):
@@ -190,22 +194,25 @@ def _square_blocks(fn, name, num_blocks, block, tiles, interpret, out_dtypes, *a
   return result[0] if len(result) == 1 else result
 
 
-def _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, sign):
-  """`Q`, `Q2` and `Q2 + sign·2Q`, all `(R, B, B)` in `operand_dtype`."""
+def _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, signs):
+  """`Q`, `Q2` and `Q2 + s·2Q` for each `s` in `signs`, all `(R, B, B)` in `operand_dtype`."""
   r = q_RxE.shape[0]
   q = _square_blocks(_skew_kernel, "poetx_cayley_skew", r, block, tiles, interpret, (operand_dtype,), q_RxE)
-  square = functools.partial(_square_kernel, precision=precision, sign=sign)
-  q2, poly = _square_blocks(square, "poetx_cayley_square", r, block, tiles, interpret, (operand_dtype,) * 2, q)
-  return q, q2, poly
+  square = functools.partial(_square_kernel, precision=precision, signs=signs)
+  outs = _square_blocks(square, "poetx_cayley_square", r, block, tiles, interpret, (operand_dtype,) * (1 + len(signs)), q)
+  return (q,) + tuple(outs)
 
 
-def _forward(q_RxE, block, operand_dtype, precision, interpret, tiles=None, out_dtype=jnp.float32):
+def _forward(q_RxE, block, operand_dtype, precision, interpret, tiles=None, out_dtype=jnp.float32, keep_state=False):
+  """`G`, or `(G, (Q, Q2, M))` with `keep_state`: what the backward would otherwise recompute."""
   tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype)
-  _, q2, p = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, sign=1)
+  signs = (1, -1) if keep_state else (1,)
+  q, q2, p, *m = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, signs)
   neumann = functools.partial(_neumann_kernel, precision=precision)
-  return _square_blocks(
+  g = _square_blocks(
       neumann, "poetx_cayley_neumann", q_RxE.shape[0], block, tiles, interpret, (out_dtype,), q_RxE, q2, p
   )
+  return (g, (q, q2, m[0])) if keep_state else g
 
 
 def _pack(dq_RxBxB, block, interpret):
@@ -218,10 +225,12 @@ def _pack(dq_RxBxB, block, interpret):
   return _call(kernel, out, grid, tiles, "poetx_cayley_pack", interpret, pair_rows, pair_cols, dq_RxBxB)[:, :-1]
 
 
-def _backward(q_RxE, dg_RxBxB, block, operand_dtype, precision, interpret, tiles=None):
+def _backward(q_RxE, dg_RxBxB, block, operand_dtype, precision, interpret, tiles=None, state=None):
   tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype)
   r = q_RxE.shape[0]
-  q, q2, m = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, sign=-1)
+  if state is None:
+    state = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, (-1,))
+  q, q2, m = state
   dg_operand = dg_RxBxB.astype(operand_dtype)
   grad2 = functools.partial(_grad2_kernel, precision=precision)
   g2, l = _square_blocks(
@@ -282,20 +291,29 @@ def cayley_neumann(q_RxE, block_size: int, *, operand_dtype=jnp.float32, precisi
 
 
 def cayley_neumann_forward(
-    q_RxE, block_size: int, *, operand_dtype=jnp.float32, out_dtype=jnp.float32, precision=None, interpret=False
+    q_RxE, block_size: int, *, operand_dtype=jnp.float32, out_dtype=jnp.float32, precision=None, interpret=False,
+    keep_state=False,
 ):
   """The forward kernels alone, `G` stored in `out_dtype`: for a caller with its own VJP.
 
   A layer whose rotations read `G` in bfloat16 takes it in bfloat16 straight from the
   kernel (no float32 copy to cast), and pairs this with `cayley_neumann_backward`,
-  which takes the float32 `dG` its own backward produces. Arguments as for
-  `cayley_neumann`.
+  which takes the float32 `dG` its own backward produces. With `keep_state` it also
+  returns `(Q, Q2, Q2 − 2Q)` (three `(R, B, B)` arrays in `operand_dtype`) for the
+  backward, which then skips two of its kernels. Other arguments as for `cayley_neumann`.
   """
   q_RxE, operand_dtype = _checked(q_RxE, block_size, operand_dtype)
-  return _forward(q_RxE, block_size, operand_dtype, precision, interpret, out_dtype=jnp.dtype(out_dtype))
+  return _forward(
+      q_RxE, block_size, operand_dtype, precision, interpret, out_dtype=jnp.dtype(out_dtype), keep_state=keep_state
+  )
 
 
-def cayley_neumann_backward(q_RxE, dg_RxBxB, block_size: int, *, operand_dtype=jnp.float32, precision=None, interpret=False):
-  """`dq` (float32 `(R, E)`) for a float32 cotangent `dG` of `cayley_neumann(q)`: the backward kernels alone."""
+def cayley_neumann_backward(
+    q_RxE, dg_RxBxB, block_size: int, *, operand_dtype=jnp.float32, precision=None, interpret=False, state=None
+):
+  """`dq` (float32 `(R, E)`) for a float32 cotangent `dG` of `cayley_neumann(q)`: the backward kernels alone.
+
+  `state`: what `cayley_neumann_forward(..., keep_state=True)` returned, or None to recompute it.
+  """
   q_RxE, operand_dtype = _checked(q_RxE, block_size, operand_dtype)
-  return _backward(q_RxE, dg_RxBxB.astype(jnp.float32), block_size, operand_dtype, precision, interpret)
+  return _backward(q_RxE, dg_RxBxB.astype(jnp.float32), block_size, operand_dtype, precision, interpret, state=state)
