@@ -76,7 +76,7 @@ class CayleyTiles:
     return self.cols or self.side
 
 
-def cayley_tiles(block_size: int, operand_dtype="float32") -> CayleyTiles:
+def cayley_tiles(block_size: int, operand_dtype="float32", num_blocks: int | None = None) -> CayleyTiles:
   """Tiles of the unpack / square / Neumann / ∇2 / dense dQ kernels.
 
   Measured on the H100 (benchmarks/cayley_sweep.py; benchmarks/results/raw/run10_cayley_sweep.txt):
@@ -84,13 +84,22 @@ def cayley_tiles(block_size: int, operand_dtype="float32") -> CayleyTiles:
   depth of 64 were fastest or within 1% for bfloat16 operands at b = 256 (72 and 320
   blocks) and b = 512 (64 and 160 blocks). bfloat16 operands fit a third pipeline stage (forward+backward
   0.845 against 0.879 ms at b = 256 x 320 blocks); float32 ones do not (the dQ kernel
-  asks for 288 KiB of shared memory). 64 x 64 tiles won only for few blocks (0.208
-  against 0.210 ms at 72 blocks) and lost by 35% at 320. 128 x 256 tiles lost everywhere
+  asks for 288 KiB of shared memory). 128 x 256 tiles lost everywhere
 (raw/run12_cayley_rect_sweep.txt: 1154 against 869 µs at b = 256 x 320 blocks) or did
 not fit in shared memory. Small blocks use one tile.
+
+  Since the product loops only load and multiply (raw/run22_cayley_sweep.txt), 64 x 64
+  bfloat16 tiles over 4 warps win where 128 x 128 tiles would give few programs per
+  multiprocessor: 163.7 against 181.5 µs forward+backward at b = 256 x 72 blocks (288
+  programs of 128 x 128), 359.1 against 375.8 µs at b = 512 x 36 (576 programs); at
+  b = 256 x 320 (1280 programs) they lost by 35% (run 10). Hence 64 x 64 up to 640 such
+  programs (about five per multiprocessor). A fourth stage lost or did not fit.
   """
   side = min(block_size, 128)
   if np.dtype(operand_dtype).itemsize == 2:
+    programs_of_128 = (num_blocks or 1 << 30) * max(1, block_size // 128) ** 2
+    if side == 128 and programs_of_128 <= 640:
+      return CayleyTiles(side=64, depth=64, num_warps=4, num_stages=3)
     return CayleyTiles(side=side, depth=min(64, block_size), num_warps=8 if side >= 128 else 4, num_stages=3)
   # float32 keeps depth 32: 128 x 64 float32 steps were 3% faster in the sweep, but the
   # compiled kernel tests failed with them at b = 128 and 256 (raw/run13_gpu_tests.txt;

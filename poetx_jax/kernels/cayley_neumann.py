@@ -205,7 +205,7 @@ def _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, s
 
 def _forward(q_RxE, block, operand_dtype, precision, interpret, tiles=None, out_dtype=jnp.float32, keep_state=False):
   """`G`, or `(G, (Q, Q2, M))` with `keep_state`: what the backward would otherwise recompute."""
-  tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype)
+  tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype, q_RxE.shape[0])
   signs = (1, -1) if keep_state else (1,)
   q, q2, p, *m = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, signs)
   neumann = functools.partial(_neumann_kernel, precision=precision)
@@ -226,7 +226,7 @@ def _pack(dq_RxBxB, block, interpret):
 
 
 def _backward(q_RxE, dg_RxBxB, block, operand_dtype, precision, interpret, tiles=None, state=None):
-  tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype)
+  tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype, q_RxE.shape[0])
   r = q_RxE.shape[0]
   if state is None:
     state = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, (-1,))
