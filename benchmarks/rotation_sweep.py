@@ -34,6 +34,8 @@ OUTER_SUMS = (
     O(rows=128, cols=128, depth=128, num_warps=8, num_stages=3),
     O(rows=128, cols=128, depth=64, num_warps=8, num_stages=4),
     O(rows=64, cols=128, depth=64, num_warps=4, num_stages=3),
+    O(rows=64, cols=64, depth=64, num_warps=4, num_stages=3),
+    O(rows=64, cols=64, depth=128, num_warps=4, num_stages=3),
 )
 
 
@@ -48,7 +50,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--widths", default="14336,4096")
   parser.add_argument("--blocks", default="256,512")
+  parser.add_argument("--kernels", default="rotation,outer_sum")
   args = parser.parse_args(argv)
+  kernels = args.kernels.split(",")
   print(f"device: {jax.devices()[0].device_kind}", flush=True)
   tokens = 2048
   for d in (int(w) for w in args.widths.split(",")):
@@ -62,16 +66,17 @@ def main(argv=None):
                      jax.random.normal(k4, (d, tokens), jnp.bfloat16)))
       floor_us = 2 * d * tokens * 2 / 3.0e12 * 1e6
       print(f"D={d} N={tokens} b={block}: rotation memory floor {floor_us:.1f} µs, outer sum the same (two reads)")
-      for t in ROTATIONS:
+      for t in ROTATIONS if "rotation" in kernels else ():
         if t.rows > block:
           continue
         gather = jax.jit(lambda a, g, p, b, t=t: block_rotation._launch(a, g, p, None, False, False, t))  # pylint: disable=protected-access
         scatter = jax.jit(lambda a, g, p, b, t=t: block_rotation._launch(a, g, None, p, False, False, t))  # pylint: disable=protected-access
         _report(f"rotate gather  {t}", gather, sets)
         _report(f"rotate scatter {t}", scatter, sets)
-      for t in OUTER_SUMS:
+      for t in OUTER_SUMS if "outer_sum" in kernels else ():
+        programs = (d // block) * (block // t.rows) * (block // t.cols)
         outer = jax.jit(lambda a, g, p, b, t=t: block_outer_sum._launch(a, None, b, p, block, False, t))  # pylint: disable=protected-access
-        _report(f"outer sum      {t}", outer, sets)
+        _report(f"outer sum      {t} {programs:5d} programs", outer, sets)
 
 
 if __name__ == "__main__":
