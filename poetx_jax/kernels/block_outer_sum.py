@@ -75,7 +75,7 @@ def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles=None, int
         f" blocks from block {block_offset} on; got {into.dtype} {into.shape}."
     )
   aliased = not isinstance(into, jax.ShapeDtypeStruct)
-  tiles = tiles or block_sizes.outer_sum_tiles(block_size, n)
+  tiles = tiles or block_sizes.outer_sum_tiles(block_size, n, num_blocks)
   kernel = functools.partial(
       _kernel, block=block_size, block_offset=block_offset, tokens_total=n, tiles=tiles,
       gather_a=perm_a is not None, gather_g=perm_g is not None, aliased=aliased,

@@ -52,15 +52,29 @@ class OuterSumTiles:
   num_stages: int = 2
 
 
-def outer_sum_tiles(block_size: int, tokens: int) -> OuterSumTiles:
+def outer_sum_tiles(block_size: int, tokens: int, num_blocks: int | None = None) -> OuterSumTiles:
   """Tiles of `gathered_block_outer_sum`: 128 x 128 float32 partials (64 regs/thread at 8 warps).
 
   Three pipeline stages over 64-token steps (raw/run11_rotation_sweep.txt, D = 14336,
   N = 2048): 53.7 against 58.0 µs with two stages at b = 256, 99.4 against 106 at
   b = 512; 128-token steps, a fourth stage and 64-row tiles were all slower.
+
+  Each program streams over all tokens, so a narrow layer gets few programs: fewer
+  than the H100's 132 multiprocessors at D = 2048…5632 (raw/run24_outer_sum_sweep.txt,
+  N = 2048). With at most 64 programs of 128 x 128, 64 x 64 tiles over 128-token
+  steps won: 11.7 against 18.4 µs at D = 2048, b = 256; 15.8 against 18.2 at b = 512;
+  19.9 against 22.6 at D = 4096, b = 256. Between 64 and 132 programs a fourth stage
+  won: 24.0 against 26.6 µs at D = 5632, b = 256; 22.0 against 24.7 at D = 4096,
+  b = 512 (64 x 64 tiles lost there by 30% or more).
   """
   side = min(block_size, 128)
-  return OuterSumTiles(rows=side, cols=side, depth=min(64, max(16, _next_pow2(tokens))), num_warps=8, num_stages=3)
+  depth = min(64, max(16, _next_pow2(tokens)))
+  programs = (num_blocks or 1 << 30) * (block_size // side) ** 2
+  if side == 128 and programs <= 64:
+    return OuterSumTiles(rows=64, cols=64, depth=min(128, max(16, _next_pow2(tokens))), num_warps=4, num_stages=3)
+  if side == 128 and programs < 132:
+    return OuterSumTiles(rows=side, cols=side, depth=depth, num_warps=8, num_stages=4)
+  return OuterSumTiles(rows=side, cols=side, depth=depth, num_warps=8, num_stages=3)
 
 
 @dataclasses.dataclass(frozen=True)
