@@ -20,7 +20,8 @@ class POETConfig:
     merge_interval: `T`, optimizer steps between merges (200 in POET-X, 400 in POET).
     neumann_terms: `k` of the Cayley–Neumann map (3 in POET-X); None for the exact
       Cayley map (a batched solve: exactly orthogonal, slower).
-    variant: "fast" (keep the hidden state for the backward) or "mem" (recompute it).
+    variant: "fast" (keep the hidden state and the Cayley–Neumann intermediates for
+      the backward) or "mem" (recompute them).
     targets: regular expression (`re.search`) over "/"-joined module paths of the
       Dense / DenseGeneral layers to wrap.
     exclude: regular expression of paths never wrapped (the output head by default).
