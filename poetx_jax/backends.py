@@ -1,14 +1,15 @@
 """Implementations of the layer's primitives, chosen by `implementation` (DESIGN §2).
 
-A backend bundles the Cayley–Neumann map and the three data-path primitives of
+A backend bundles the Cayley–Neumann map (forward and backward apart, with the
+state the forward may keep for the backward) and the three data-path primitives of
 `rotation.py`. `"xla"` is plain jnp and runs anywhere; `"pallas"` is the Triton
 kernels of `poetx_jax.kernels` (GPU, or interpreted on any backend); None picks
 by measurement on the H100 (bf16, N = 2048; benchmarks/results/layer_h100.json):
 Pallas on a GPU wherever its kernels apply (power-of-two blocks of 16 or more),
-since it beat XLA at every measured shape and block size: fwd+bwd 1.23 against
-1.85 ms at 4096x14336, b = 256; 1.67 against 2.80 ms at b = 512; 0.40 against
-0.67 ms at 2048x5632; and a whole llama60m train step with widths 512 and 1280,
-22.7 against 23.9 ms (benchmarks/results/raw/run15_train_steps.txt). XLA elsewhere.
+since it beat XLA at every measured shape and block size: fwd+bwd 1.15 against
+1.85 ms at 4096x14336, b = 256; 1.50 against 2.80 ms at b = 512; 0.38 against
+0.68 ms at 2048x5632 (run 26); and a whole llama60m train step with widths 512 and
+1280, 22.7 against 23.9 ms (benchmarks/results/raw/run15_train_steps.txt). XLA elsewhere.
 """
 
 from __future__ import annotations
