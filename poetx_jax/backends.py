@@ -38,7 +38,8 @@ class Backend:
   # (q_RxE, block_size, neumann_terms, precision, operand_dtype, out_dtype, keep_state)
   #   -> (G (R, B, B) in out_dtype, state): state, arrays or None, saves the backward work
   cayley_forward: Callable[..., tuple]
-  # (q_RxE, dG_RxBxB float32, block_size, neumann_terms, precision, operand_dtype, state) -> dq (R, E) float32
+  # (q_RxE, dG_RxBxB float32, block_size, neumann_terms, precision, operand_dtype, state, dg_operand)
+  #   -> dq (R, E) float32; dg_operand: dG already in operand_dtype, or None
   cayley_backward: Callable[..., jax.Array]
   gather_rotate: Callable[..., jax.Array]  # rotation.gather_rotate
   rotate_gather: Callable[..., jax.Array]  # rotation.rotate_gather
@@ -52,8 +53,8 @@ def xla_cayley_forward(q_RxE, block_size, neumann_terms, precision, operand_dtyp
   return cayley.cayley_neumann(q_RxE, block_size, neumann_terms, precision).astype(out_dtype), None
 
 
-def xla_cayley_backward(q_RxE, dg_RxBxB, block_size, neumann_terms, precision, operand_dtype, state=None):
-  del operand_dtype, state
+def xla_cayley_backward(q_RxE, dg_RxBxB, block_size, neumann_terms, precision, operand_dtype, state=None, dg_operand=None):
+  del operand_dtype, state, dg_operand
   _, vjp = jax.vjp(lambda q: cayley.cayley_neumann(q, block_size, neumann_terms, precision), q_RxE)
   return vjp(dg_RxBxB.astype(jnp.float32))[0]
 

@@ -81,22 +81,34 @@ def _poet_layer_bwd(backend, keep_hidden, precision, block_size, neumann_terms, 
   if h_OxN is None:  # mem: recompute the hidden state, one extra large GEMM
     h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
   dy_OxN = dy_NO.T
-  # dG_out[i] = Σ h_iᵀ g1_i with g1 = dy[..., perm_out_inv]; dh = g1 · BD(G_out)ᵀ.
+  settings = _cayley_settings(x_IxN.dtype)
+  # The Cayley backward multiplies dG in its operand dtype: with bfloat16 operands the
+  # outer sums also write that rounded copy (no separate cast of the cotangent).
+  operand_dtype = jnp.dtype(settings["operand_dtype"])
   fresh = jax.ShapeDtypeStruct(g_RxBxB.shape, jnp.float32)
-  dg_RxBxB = backend.block_outer_sum_into(fresh, h_OxN, None, dy_OxN, perm_out_inv, blocks_in)
+  copy = jax.ShapeDtypeStruct(g_RxBxB.shape, operand_dtype) if operand_dtype != jnp.float32 else None
+  # dG_out[i] = Σ h_iᵀ g1_i with g1 = dy[..., perm_out_inv]; dh = g1 · BD(G_out)ᵀ.
+  dg_RxBxB, copy = _outer_sums(backend, fresh, copy, h_OxN, None, dy_OxN, perm_out_inv, blocks_in)
   dh_OxN = backend.gather_rotate(dy_OxN, perm_out_inv, g_RxBxB, transpose=True, block_offset=blocks_in)
   # The second large GEMM; K_s gets no gradient, so there is no third.
   dxr_IxN = jnp.matmul(k_IxO.astype(dh_OxN.dtype), dh_OxN, precision=precision)
   # dG_in[j] = Σ xp_jᵀ dxr_j with xp = x[..., perm_in_inv]; dx = (dxr · BD(G_in)ᵀ)[..., perm_in].
-  dg_RxBxB = backend.block_outer_sum_into(dg_RxBxB, x_IxN, perm_in_inv, dxr_IxN, None, 0)
+  dg_RxBxB, copy = _outer_sums(backend, dg_RxBxB, copy, x_IxN, perm_in_inv, dxr_IxN, None, 0)
   dx_IxN = backend.rotate_gather(dxr_IxN, g_RxBxB, perm_in, perm_in_inv, transpose=True)
   dq_RxE = backend.cayley_backward(
-      q_RxE, dg_RxBxB, block_size, neumann_terms, state=cayley_state, **_cayley_settings(x_IxN.dtype)
+      q_RxE, dg_RxBxB, block_size, neumann_terms, state=cayley_state, dg_operand=copy, **settings
   )
   return dx_IxN.T, None, dq_RxE, None
 
 
 _poet_layer.defvjp(_poet_layer_fwd, _poet_layer_bwd)
+
+
+def _outer_sums(backend, into, copy_into, a, perm_a, g, perm_g, block_offset):
+  """`(dG, its operand-dtype copy or None)` with one side's blocks written."""
+  if copy_into is None:
+    return backend.block_outer_sum_into(into, a, perm_a, g, perm_g, block_offset), None
+  return backend.block_outer_sum_into(into, a, perm_a, g, perm_g, block_offset, copy_into=copy_into)
 
 
 def check_shapes(x_shape, k_shape, q_in_shape, q_out_shape, block_size: int) -> None:

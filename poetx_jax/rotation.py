@@ -118,12 +118,20 @@ def gathered_block_outer_sum(
   return einsum_f32("rbn,rcn->rbc", a_DxN.reshape(shape), g_DxN.reshape(shape))
 
 
-def block_outer_sum_into(into, a_DxN, perm_a_D, g_DxN, perm_g_D, block_offset: int) -> jax.Array:
+def block_outer_sum_into(into, a_DxN, perm_a_D, g_DxN, perm_g_D, block_offset: int, copy_into=None):
   """`gathered_block_outer_sum` written as blocks `block_offset…` of a float32 `(R', B, B)` result.
 
   `into`: the result so far (its other blocks kept), or a `jax.ShapeDtypeStruct`
   for a fresh one (its other blocks zero here; a kernel may leave them unwritten).
+  `copy_into`: optional second buffer of the same kind in its own dtype, which gets
+  the same blocks rounded; then `(result, copy)` is returned.
   """
+  if copy_into is not None:
+    copy = jnp.zeros(copy_into.shape, copy_into.dtype) if isinstance(copy_into, jax.ShapeDtypeStruct) else copy_into
+    result = block_outer_sum_into(into, a_DxN, perm_a_D, g_DxN, perm_g_D, block_offset)
+    rows = a_DxN.shape[0] // into.shape[-1]
+    new_blocks = jax.lax.dynamic_slice_in_dim(result, block_offset, rows, axis=0).astype(copy.dtype)
+    return result, jax.lax.dynamic_update_slice_in_dim(copy, new_blocks, block_offset, axis=0)
   block = into.shape[-1]
   if isinstance(into, jax.ShapeDtypeStruct):
     into = jnp.zeros(into.shape, jnp.float32)

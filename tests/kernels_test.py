@@ -121,6 +121,22 @@ class BlockOuterSumBase(KernelCase):
     np.testing.assert_array_equal(again[3:], out[3:])
     assert relative_error(again[1:3], block_outer_sum.block_outer_sum_reference(g1, None, a1, None, block)) < self.tol("float32")
 
+  def test_copy_into_gets_the_same_blocks_rounded(self, rng):
+    """The layer's outer sums also write dG in bfloat16 for the Cayley backward, in place too."""
+    block, tokens = 16, 21
+    a, g = (jnp.asarray(rng.standard_normal((2 * block, tokens)), jnp.float32) for _ in range(2))
+    fresh = jax.ShapeDtypeStruct((4, block, block), jnp.float32)
+    copy = jax.ShapeDtypeStruct((4, block, block), jnp.bfloat16)
+    out, out_copy = block_outer_sum.block_outer_sum_into(fresh, a, None, g, None, 2, interpret=self.interpret, copy_into=copy)
+    out, out_copy = block_outer_sum.block_outer_sum_into(out, g, None, a, None, 0, interpret=self.interpret, copy_into=out_copy)
+    assert out_copy.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out_copy, out.astype(jnp.bfloat16))
+    want = jnp.concatenate([
+        block_outer_sum.block_outer_sum_reference(g, None, a, None, block),
+        block_outer_sum.block_outer_sum_reference(a, None, g, None, block),
+    ])
+    assert relative_error(out, want) < self.tol("float32")
+
   def test_into_without_room_raises(self):
     with pytest.raises(ValueError, match="room for 2 blocks"):
       block_outer_sum.block_outer_sum_into(
@@ -183,6 +199,10 @@ class CayleyNeumannBase(KernelCase):
     assert relative_error(state[0].astype(jnp.float32), q_dense) < 1e-2
     assert relative_error(state[2].astype(jnp.float32), q_dense @ q_dense - 2 * q_dense) < 1e-2
     np.testing.assert_array_equal(cayley_kernel.cayley_neumann_backward(q, dg, block, state=state, **kw), vjp(dg)[0])
+    given = cayley_kernel.cayley_neumann_backward(q, dg, block, state=state, dg_operand=dg.astype(jnp.bfloat16), **kw)
+    np.testing.assert_array_equal(given, vjp(dg)[0])
+    with pytest.raises(ValueError, match="dg_operand"):
+      cayley_kernel.cayley_neumann_backward(q, dg, block, dg_operand=dg, **kw)
 
   def test_zero_is_identity(self):
     out = cayley_kernel.cayley_neumann(jnp.zeros((2, skew.packed_size(32))), 32, interpret=self.interpret)
@@ -236,10 +256,11 @@ def test_every_kernel_lowers_to_triton_for_an_h100(block):
   cayley_fb = lambda q, g: forward_and_vjp(
       lambda v: cayley_kernel.cayley_neumann(v, block, operand_dtype=jnp.bfloat16), (q,), g
   )
-  def two_sided_sums(a, p):  # a layer's backward: one buffer, filled in place by two calls
+  def two_sided_sums(a, p):  # a layer's backward: float32 and bf16 buffers, filled in place by two calls
     fresh = jax.ShapeDtypeStruct((2 * blocks, block, block), jnp.float32)
-    out = block_outer_sum.block_outer_sum_into(fresh, a, None, a, p, blocks)
-    return block_outer_sum.block_outer_sum_into(out, a, p, a, None, 0)
+    copy = jax.ShapeDtypeStruct((2 * blocks, block, block), jnp.bfloat16)
+    out, copy = block_outer_sum.block_outer_sum_into(fresh, a, None, a, p, blocks, copy_into=copy)
+    return block_outer_sum.block_outer_sum_into(out, a, p, a, None, 0, copy_into=copy)
 
   bf16_blocks = lambda q: cayley_kernel.cayley_neumann_forward(q, block, operand_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16)
   for fn, args, names in (

@@ -25,11 +25,14 @@ def _cayley_forward(q_RxE, block_size, neumann_terms, precision, operand_dtype, 
   return out if keep_state else (out, None)
 
 
-def _cayley_backward(q_RxE, dg_RxBxB, block_size, neumann_terms, precision, operand_dtype, state=None, *, interpret):
+def _cayley_backward(
+    q_RxE, dg_RxBxB, block_size, neumann_terms, precision, operand_dtype, state=None, dg_operand=None, *, interpret
+):
   if neumann_terms != 3:
     return backends.xla_cayley_backward(q_RxE, dg_RxBxB, block_size, neumann_terms, precision, operand_dtype)
   return cayley_kernel.cayley_neumann_backward(
-      q_RxE, dg_RxBxB, block_size, operand_dtype=operand_dtype, precision=precision, interpret=interpret, state=state
+      q_RxE, dg_RxBxB, block_size, operand_dtype=operand_dtype, precision=precision, interpret=interpret, state=state,
+      dg_operand=dg_operand,
   )
 
 

@@ -29,12 +29,13 @@ def block_outer_sum_reference(a_DxN, perm_a, g_DxN, perm_g, block_size):
   )
 
 
-def _kernel(*refs, block, block_offset, tokens_total, tiles, gather_a, gather_g, aliased):
+def _kernel(*refs, block, block_offset, tokens_total, tiles, gather_a, gather_g, aliased, copy):
   refs = list(refs)
   perm_a_ref = refs.pop(0) if gather_a else None
   perm_g_ref = refs.pop(0) if gather_g else None
-  if aliased:
-    refs.pop(0)  # the buffer written in place: its output ref is the same memory
+  for _ in range(aliased):
+    refs.pop(0)  # buffers written in place: their output refs are the same memory
+  copy_ref = refs.pop() if copy else None
   a_ref, g_ref, o_ref = refs
   r, row_tile, col_tile = tb.program_id(0), tb.program_id(1), tb.program_id(2)
   rows = row_tile * tiles.rows + jnp.arange(tiles.rows)
@@ -56,11 +57,14 @@ def _kernel(*refs, block, block_offset, tokens_total, tiles, gather_a, gather_g,
   steps = tb.cdiv(tokens_total, tiles.depth)
   acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((tiles.rows, tiles.cols), jnp.float32))
   tb.store(o_ref.at[r + block_offset, rows[:, None], cols[None, :]], acc)
+  if copy:
+    tb.store(copy_ref.at[r + block_offset, rows[:, None], cols[None, :]], acc.astype(copy_ref.dtype))
 
 
-def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles=None, into=None, block_offset=0):
+def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles=None, into=None, block_offset=0, copy_into=None):
   """`into`: None (a fresh `(R, B, B)` result), an array to write blocks `block_offset…`
-  of in place (aliased), or a `ShapeDtypeStruct` for a fresh buffer of that shape."""
+  of in place (aliased), or a `ShapeDtypeStruct` for a fresh buffer of that shape.
+  `copy_into`: the same for a second result in its own dtype (then both are returned)."""
   d, n = a_DxN.shape
   if g_DxN.shape != a_DxN.shape or d % block_size:
     raise ValueError(f"need two (D, N) arrays with D divisible by {block_size}; got {a_DxN.shape} and {g_DxN.shape}.")
@@ -74,21 +78,25 @@ def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles=None, int
         f"the result buffer must be float32 (R', {block_size}, {block_size}) with room for {num_blocks}"
         f" blocks from block {block_offset} on; got {into.dtype} {into.shape}."
     )
-  aliased = not isinstance(into, jax.ShapeDtypeStruct)
+  if copy_into is not None and copy_into.shape != into.shape:
+    raise ValueError(f"copy_into must have the result's shape {into.shape}, got {copy_into.shape}.")
+  outputs = [into] if copy_into is None else [into, copy_into]
   tiles = tiles or block_sizes.outer_sum_tiles(block_size, n, num_blocks)
-  kernel = functools.partial(
-      _kernel, block=block_size, block_offset=block_offset, tokens_total=n, tiles=tiles,
-      gather_a=perm_a is not None, gather_g=perm_g is not None, aliased=aliased,
-  )
   operands = [p.astype(jnp.int32) for p in (perm_a, perm_g) if p is not None]
   aliases = {}
-  if aliased:
-    aliases = {len(operands): 0}
-    operands.append(into)
+  for index, buffer in enumerate(outputs):
+    if not isinstance(buffer, jax.ShapeDtypeStruct):
+      aliases[len(operands)] = index
+      operands.append(buffer)
+  kernel = functools.partial(
+      _kernel, block=block_size, block_offset=block_offset, tokens_total=n, tiles=tiles,
+      gather_a=perm_a is not None, gather_g=perm_g is not None, aliased=len(aliases), copy=copy_into is not None,
+  )
+  out_shape = tuple(jax.ShapeDtypeStruct(b.shape, b.dtype) for b in outputs)
   call = tb.pallas_call(
       kernel,
       grid=(num_blocks, block_size // tiles.rows, block_size // tiles.cols),
-      out_shape=jax.ShapeDtypeStruct(into.shape, jnp.float32),
+      out_shape=out_shape if copy_into is not None else out_shape[0],
       name="poetx_block_outer_sum",
       interpret=interpret,
       num_warps=tiles.num_warps,
@@ -133,7 +141,7 @@ def block_outer_sum(a_DxN, perm_a, g_DxN, perm_g, block_size, *, interpret=False
   return _outer_sum(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret)
 
 
-def block_outer_sum_into(into, a_DxN, perm_a, g_DxN, perm_g, block_offset, *, interpret=False):
+def block_outer_sum_into(into, a_DxN, perm_a, g_DxN, perm_g, block_offset, *, interpret=False, copy_into=None):
   """`block_outer_sum` written as blocks `block_offset…` of a larger result, for a caller's own VJP.
 
   Not differentiable. One layer's two sides fill one `(R_in + R_out, B, B)` cotangent
@@ -146,5 +154,13 @@ def block_outer_sum_into(into, a_DxN, perm_a, g_DxN, perm_g, block_offset, *, in
     a_DxN, perm_a, g_DxN, perm_g: as for `block_outer_sum`.
     block_offset: where the `D / B` blocks of this sum go.
     interpret: run in the Pallas interpreter.
+    copy_into: optional second buffer, like `into` but in any float dtype, that gets
+      the same blocks rounded to its dtype: the Cayley backward multiplies `dG` in
+      bfloat16, and this saves it a separate cast of the whole cotangent.
+
+  Returns:
+    the result, or `(result, copy)` with `copy_into`.
   """
-  return _launch(a_DxN, perm_a, g_DxN, perm_g, into.shape[-1], interpret, into=into, block_offset=block_offset)
+  return _launch(
+      a_DxN, perm_a, g_DxN, perm_g, into.shape[-1], interpret, into=into, block_offset=block_offset, copy_into=copy_into
+  )

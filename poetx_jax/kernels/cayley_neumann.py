@@ -225,13 +225,14 @@ def _pack(dq_RxBxB, block, interpret):
   return _call(kernel, out, grid, tiles, "poetx_cayley_pack", interpret, pair_rows, pair_cols, dq_RxBxB)[:, :-1]
 
 
-def _backward(q_RxE, dg_RxBxB, block, operand_dtype, precision, interpret, tiles=None, state=None):
+def _backward(q_RxE, dg_RxBxB, block, operand_dtype, precision, interpret, tiles=None, state=None, dg_operand=None):
   tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype, q_RxE.shape[0])
   r = q_RxE.shape[0]
   if state is None:
     state = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, (-1,))
   q, q2, m = state
-  dg_operand = dg_RxBxB.astype(operand_dtype)
+  if dg_operand is None:
+    dg_operand = dg_RxBxB.astype(operand_dtype)
   grad2 = functools.partial(_grad2_kernel, precision=precision)
   g2, l = _square_blocks(
       grad2, "poetx_cayley_grad2", r, block, tiles, interpret, (operand_dtype,) * 2, q, dg_operand, dg_RxBxB
@@ -309,11 +310,19 @@ def cayley_neumann_forward(
 
 
 def cayley_neumann_backward(
-    q_RxE, dg_RxBxB, block_size: int, *, operand_dtype=jnp.float32, precision=None, interpret=False, state=None
+    q_RxE, dg_RxBxB, block_size: int, *, operand_dtype=jnp.float32, precision=None, interpret=False, state=None,
+    dg_operand=None,
 ):
   """`dq` (float32 `(R, E)`) for a float32 cotangent `dG` of `cayley_neumann(q)`: the backward kernels alone.
 
   `state`: what `cayley_neumann_forward(..., keep_state=True)` returned, or None to recompute it.
+  `dg_operand`: `dG` already rounded to `operand_dtype` (the layer's outer sums write
+  one), or None to cast it here.
   """
   q_RxE, operand_dtype = _checked(q_RxE, block_size, operand_dtype)
-  return _backward(q_RxE, dg_RxBxB.astype(jnp.float32), block_size, operand_dtype, precision, interpret, state=state)
+  if dg_operand is not None and (dg_operand.dtype != operand_dtype or dg_operand.shape != dg_RxBxB.shape):
+    raise ValueError(f"dg_operand must be {operand_dtype} {dg_RxBxB.shape}, got {dg_operand.dtype} {dg_operand.shape}.")
+  return _backward(
+      q_RxE, dg_RxBxB.astype(jnp.float32), block_size, operand_dtype, precision, interpret, state=state,
+      dg_operand=dg_operand,
+  )
