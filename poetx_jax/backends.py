@@ -7,8 +7,8 @@ kernels of `poetx_jax.kernels` (GPU, or interpreted on any backend); None picks
 by measurement on the H100 (bf16, N = 2048; benchmarks/results/layer_h100.json):
 Pallas on a GPU wherever its kernels apply (power-of-two blocks of 16 or more),
 since it beat XLA at every measured shape and block size: fwd+bwd 1.15 against
-1.85 ms at 4096x14336, b = 256; 1.50 against 2.80 ms at b = 512; 0.38 against
-0.68 ms at 2048x5632 (run 26); and a whole llama60m train step with widths 512 and
+1.87 ms at 4096x14336, b = 256; 1.48 against 2.80 ms at b = 512; 0.37 against
+0.68 ms at 2048x5632 (run 28); and a whole llama60m train step with widths 512 and
 1280, 22.7 against 23.9 ms (benchmarks/results/raw/run15_train_steps.txt). XLA elsewhere.
 """
 
