@@ -126,16 +126,21 @@ def block_outer_sum_into(into, a_DxN, perm_a_D, g_DxN, perm_g_D, block_offset: i
   `copy_into`: optional second buffer of the same kind in its own dtype, which gets
   the same blocks rounded; then `(result, copy)` is returned.
   """
-  if copy_into is not None:
-    copy = jnp.zeros(copy_into.shape, copy_into.dtype) if isinstance(copy_into, jax.ShapeDtypeStruct) else copy_into
-    result = block_outer_sum_into(into, a_DxN, perm_a_D, g_DxN, perm_g_D, block_offset)
-    rows = a_DxN.shape[0] // into.shape[-1]
-    new_blocks = jax.lax.dynamic_slice_in_dim(result, block_offset, rows, axis=0).astype(copy.dtype)
-    return result, jax.lax.dynamic_update_slice_in_dim(copy, new_blocks, block_offset, axis=0)
-  block = into.shape[-1]
-  if isinstance(into, jax.ShapeDtypeStruct):
-    into = jnp.zeros(into.shape, jnp.float32)
-  sums = gathered_block_outer_sum(a_DxN, perm_a_D, g_DxN, perm_g_D, block)
+  sums = gathered_block_outer_sum(a_DxN, perm_a_D, g_DxN, perm_g_D, into.shape[-1])
   if not 0 <= block_offset <= into.shape[0] - sums.shape[0]:
     raise ValueError(f"{sums.shape[0]} blocks from block {block_offset} on do not fit in {into.shape[0]}.")
-  return jax.lax.dynamic_update_slice_in_dim(into, sums.astype(jnp.float32), block_offset, axis=0)
+  result = _write_blocks(into, sums, block_offset)
+  if copy_into is None:
+    return result
+  return result, _write_blocks(copy_into, sums, block_offset)
+
+
+def _write_blocks(into, blocks, block_offset):
+  """`into` (an array, or a `ShapeDtypeStruct` read as zeros) with `blocks` at `block_offset`, in its dtype."""
+  end = block_offset + blocks.shape[0]
+  if isinstance(into, jax.ShapeDtypeStruct):
+    before = jnp.zeros((block_offset,) + into.shape[1:], into.dtype)
+    after = jnp.zeros((into.shape[0] - end,) + into.shape[1:], into.dtype)
+  else:
+    before, after = into[:block_offset], into[end:]
+  return jnp.concatenate([before, blocks.astype(into.dtype), after], axis=0)

@@ -137,6 +137,19 @@ def _describe(run: Run, state, compiled) -> None:
     )
 
 
+def _spectrum(run: Run, state) -> dict:
+  """σ_max of the configured layers, on the host.
+
+  On the CPU the program runs on host copies, one device: with jax 0.10 on 8 host
+  devices (tests/trainer_test.py) it intermittently deadlocked when partitioned over
+  the mesh, and jax 0.11 did not. A GPU run keeps it on its mesh.
+  """
+  params, frozen = state.params, state.frozen
+  if jax.default_backend() == "cpu":
+    params, frozen = jax.device_get((params, frozen))
+  return jax.device_get(run.spectrum_fn(params, frozen))
+
+
 def _eval_batches(config: TrainConfig):
   size = config.train.eval_batch_size or config.train.global_batch_size
   return data.eval_batches(config.data, batch_size=size, max_batches=config.train.eval_batches)
@@ -229,16 +242,17 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
         due_eval = config.train.eval_every and step_done % config.train.eval_every == 0
         due_save = step_done % config.train.checkpoint_every == 0 or step_done == total
         stopping = stop_after_step is not None and step_done >= stop_after_step and step_done < total
-        if due_eval or due_save or stopping:
-          read(pending)  # never save or evaluate a state whose loss is unread
+        due_spectrum = config.train.spectrum_every and (step_done % config.train.spectrum_every == 0 or step == start)
+        if due_eval or due_save or stopping or due_spectrum:
+          read(pending)  # never save, evaluate or measure a state whose loss is unread
           pending = None
         if due_save or stopping:
           checkpointer.save(step_done, state, iterator, force=True)
         if stopping:
           logger.info("stopping after step %d as asked; re-run to resume", step_done)
           return None
-        if config.train.spectrum_every and (step_done % config.train.spectrum_every == 0 or step == start):
-          sigmas = jax.device_get(run.spectrum_fn(state.params, state.frozen))
+        if due_spectrum:
+          sigmas = _spectrum(run, state)
           log.write(step_done, {f"sigma_max/{k}": float(v) for k, v in sigmas.items()}, kind="spectrum")
         if due_eval or step_done == total:
           last_eval = evaluate.evaluate(run.eval_step, state.params, state.frozen, _eval_batches(config), run.batch_sharding)
