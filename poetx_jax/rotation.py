@@ -73,15 +73,20 @@ def rotate_rows(a_DxN: jax.Array, g_RxBxB: jax.Array, *, transpose: bool = False
   return out.astype(a_DxN.dtype).reshape(a_DxN.shape)
 
 
+def blocks_used(rows: int, g_RxBxB, block_offset: int) -> int:
+  """How many blocks `rows` rows take, checked against the blocks `G` holds from `block_offset` on."""
+  total, block = g_RxBxB.shape[0], g_RxBxB.shape[-1]
+  if rows % block or not 0 <= block_offset <= total - rows // block:
+    raise ValueError(
+        f"activations have {rows} rows and G has {total} blocks of {block}: the rows must be a"
+        f" multiple of {block}, and block_offset ({block_offset}) + rows/{block} at most {total}."
+    )
+  return rows // block
+
+
 def _blocks_from(g_RxBxB: jax.Array, rows: int, block_offset: int) -> jax.Array:
   """The blocks of `G` that `rows` rows use, starting at `block_offset`."""
-  block = g_RxBxB.shape[-1]
-  if rows % block or not 0 <= block_offset <= g_RxBxB.shape[0] - rows // block:
-    raise ValueError(
-        f"activations have {rows} rows and G has {g_RxBxB.shape[0]} blocks of {block}: the rows must be a"
-        f" multiple of {block}, and block_offset ({block_offset}) + rows/{block} at most {g_RxBxB.shape[0]}."
-    )
-  return jax.lax.slice_in_dim(g_RxBxB, block_offset, block_offset + rows // block)
+  return jax.lax.slice_in_dim(g_RxBxB, block_offset, block_offset + blocks_used(rows, g_RxBxB, block_offset))
 
 
 def gather_rotate(

@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from poetx_jax import rotation
 from poetx_jax.kernels import block_sizes, block_outer_sum
 from poetx_jax.kernels import triton_backend as tb
 
@@ -71,7 +72,7 @@ def _kernel(*refs, block, block_offset, tokens_total, tiles, transpose, gather, 
 def _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, tiles=None, block_offset=0):
   _, block, _ = g_RxBxB.shape
   d, n = a_DxN.shape
-  num_blocks = _blocks_used(d, g_RxBxB, block_offset)
+  num_blocks = rotation.blocks_used(d, g_RxBxB, block_offset)
   tiles = tiles or block_sizes.rotation_tiles(block, n)
   # Every token tile re-reads its block's G: cast once (a no-op when the caller
   # already holds G in the activations' dtype, as the layer does), not per tile.
@@ -91,17 +92,6 @@ def _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, tiles=None, b
       num_stages=tiles.num_stages,
   )
   return call(*perms, a_DxN, g_RxBxB)
-
-
-def _blocks_used(rows, g_RxBxB, block_offset):
-  """How many blocks `rows` rows take, checked against the blocks `G` holds from `block_offset` on."""
-  total, block, _ = g_RxBxB.shape
-  if rows % block or not 0 <= block_offset <= total - rows // block:
-    raise ValueError(
-        f"activations have {rows} rows and G has {total} blocks of {block}: the rows must be a"
-        f" multiple of {block}, and block_offset ({block_offset}) + rows/{block} at most {total}."
-    )
-  return rows // block
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
