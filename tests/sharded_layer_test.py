@@ -36,7 +36,9 @@ def _loss_and_grads(a, implementation="pallas", batch_axes=None, x=None):
         x, a["base"], q_in, q_out, a["perm_in"], a["perm_out"], block_size=BLOCK,
         implementation=implementation, interpret=True, batch_axes=batch_axes,
     )
-    return jnp.sum(jnp.sin(y))
+    # Terms of one sign: a sum that can cancel to near zero makes its relative error
+    # depend on summation order, not on the kernels (sum(sin(y)) once read 1.0057e-5).
+    return jnp.sum(jnp.sin(y) ** 2)
 
   return jax.value_and_grad(loss, argnums=(0, 1, 2))(a["x"] if x is None else x, a["q_in"], a["q_out"])
 
