@@ -19,7 +19,8 @@ from benchmarks import synthetic
 from poetx_jax import train_config, trainer
 
 
-def measure(model: str, implementation: str, batch: int, seq_len: int, steps: int, method: str, scan: bool = False) -> dict:
+def build(model: str, implementation: str, batch: int, seq_len: int, method: str, scan: bool = False):
+  """`(run, config, state, batch)`: a bf16 LLaMA train step on synthetic tokens, as the trainer builds it."""
   c = base.get_config()
   c.model.size = model
   c.model.vocab_size = 32000
@@ -34,6 +35,11 @@ def measure(model: str, implementation: str, batch: int, seq_len: int, steps: in
   run = trainer.build(config)
   state = run.init_fn()
   data = synthetic.token_batch(run, batch, seq_len, config.model.vocab_size)
+  return run, config, state, data
+
+
+def measure(model: str, implementation: str, batch: int, seq_len: int, steps: int, method: str, scan: bool = False) -> dict:
+  run, _, state, data = build(model, implementation, batch, seq_len, method, scan)
   start = time.perf_counter()
   compiled = run.train_step.lower(state, data).compile()
   compile_s = time.perf_counter() - start
