@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from poetx_jax import cayley, layers, ops, optim, permutation, skew, tree_paths
 from poetx_jax.config import POETConfig
@@ -83,7 +84,8 @@ def merge(variables: Variables, opt_state: Any, config: POETConfig, merge_index:
     old_kernel = state[layers.BASE_KERNEL]
     old_k = tree_paths.unboxed(old_kernel)
     new_state = dict(state)
-    new_state[layers.BASE_KERNEL] = tree_paths.reboxed(old_kernel, new_k.astype(old_k.dtype).reshape(old_k.shape))
+    new_k = _row_major(new_k.astype(old_k.dtype).reshape(old_k.shape))
+    new_state[layers.BASE_KERNEL] = tree_paths.reboxed(old_kernel, new_k)
     new_state[layers.PERM_IN_INV] = tree_paths.reboxed(state[layers.PERM_IN_INV], new_perm_in_inv)
     new_state[layers.PERM_OUT] = tree_paths.reboxed(state[layers.PERM_OUT], new_perm_out)
     poet = tree_paths.with_path(poet, path, new_state)
@@ -93,6 +95,17 @@ def merge(variables: Variables, opt_state: Any, config: POETConfig, merge_index:
     params = tree_paths.with_path(params, path, new_q)
   variables = {**variables, "params": params, layers.POET_COLLECTION: poet}
   return variables, optim.reset_orthogonal_state(opt_state)
+
+
+def _row_major(x: jax.Array) -> jax.Array:
+  """`x` laid out row-major, as the state enters the step.
+
+  XLA lays out a conditional's result as its largest branch computes it. The merge's
+  rotations and gathers leave `K_s` column-major, so without this every step that
+  does not merge transposed each base kernel to that layout and back (measured on
+  the H100, llama1b: 7 ms of a 99 ms step, `benchmarks/results/raw/run30_*`).
+  """
+  return with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
 
 
 def should_merge(step: jax.Array | int, config: POETConfig) -> jax.Array:
