@@ -9,6 +9,7 @@ median step seconds, tokens/s and the compiled memory estimate.
 from __future__ import annotations
 
 import argparse
+import ast
 import statistics
 import time
 
@@ -19,8 +20,23 @@ from benchmarks import synthetic
 from poetx_jax import train_config, trainer
 
 
-def build(model: str, implementation: str, batch: int, seq_len: int, method: str, scan: bool = False):
-  """`(run, config, state, batch)`: a bf16 LLaMA train step on synthetic tokens, as the trainer builds it."""
+def parse_overrides(items) -> dict:
+  """`["poet.keep_cayley_state=true", ...]` -> `{"poet.keep_cayley_state": True, ...}` (Python literals)."""
+  out = {}
+  for item in items or ():
+    key, _, value = item.partition("=")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = {"true": True, "false": False}.get(value.lower(), value)
+  return out
+
+
+def build(model: str, implementation: str, batch: int, seq_len: int, method: str, scan: bool = False, overrides=None):
+  """`(run, config, state, batch)`: a bf16 LLaMA train step on synthetic tokens, as the trainer builds it.
+
+  `overrides`: `{"poet.keep_cayley_state": True, ...}`, config fields set last.
+  """
   c = base.get_config()
   c.model.size = model
   c.model.vocab_size = 32000
@@ -31,6 +47,9 @@ def build(model: str, implementation: str, batch: int, seq_len: int, method: str
   c.model.scan_layers = scan
   c.train.steps = 1000
   c.train.global_batch_size = batch
+  for key, value in (overrides or {}).items():
+    group, _, field = key.rpartition(".")
+    (c[group] if group else c)[field] = value
   config = train_config.from_config_dict(c)
   run = trainer.build(config)
   state = run.init_fn()

@@ -66,9 +66,9 @@ def main(argv=None):
       }
       for name, fn in pallas_pieces.items():
         print(f"  {name:<34} {timing.time_ms(jax.jit(fn), args_sets):8.3f} ms", flush=True)
-      impls.update({"pallas fast": ("fast", "pallas"), "pallas mem": ("mem", "pallas")})
-    for impl, (variant, implementation) in impls.items():
-      fwd, fb = layer_bench._poet_fns(block, variant, implementation)  # pylint: disable=protected-access
+      impls.update({"pallas fast": layer_bench.KNOWN_IMPLS["pallas_fast"], "pallas mem": layer_bench.KNOWN_IMPLS["pallas_mem"]})
+    for impl, settings in impls.items():
+      fwd, fb = layer_bench._poet_fns(block, *settings)  # pylint: disable=protected-access
       print(f"  layer {impl:<28} fwd {timing.time_ms(fwd, args_sets):7.3f}  fwd+bwd {timing.time_ms(fb, args_sets):7.3f} ms")
       if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from benchmarks import layer as layer_bench
 
-KNOWN = {"dense": None, "xla": ("fast", "xla"), "xla_mem": ("mem", "xla"), "pallas_fast": ("fast", "pallas"), "pallas_mem": ("mem", "pallas")}
+KNOWN = {"dense": None, **layer_bench.KNOWN_IMPLS}
 
 
 def device_kernels(trace_path: str) -> list[tuple[str, float]]:

@@ -28,6 +28,19 @@ BLOCKS = (256, 512)
 CAYLEY_BLOCKS = (64, 128, 192, 256, 320)
 
 
+# (variant, implementation, keep_cayley_state) per row. A layer timed alone is not under
+# `nn.scan`, where keeping the Cayley intermediates pays off (see POETConfig), so `fast`
+# keeps them and `mem`, the least-memory row, does not; `pallas_fast_lean` is `fast`
+# as the scanned LLaMA configs run it.
+KNOWN_IMPLS = {
+    "xla": ("fast", "xla", False),
+    "xla_mem": ("mem", "xla", False),
+    "pallas_fast": ("fast", "pallas", True),
+    "pallas_fast_lean": ("fast", "pallas", False),
+    "pallas_mem": ("mem", "pallas", False),
+}
+
+
 def _inputs(key, tokens, d_in, d_out, block, sets, dtype):
   """`sets` independent input sets (x, base kernel, q_in, q_out, perms, dy)."""
   out = []
@@ -58,11 +71,11 @@ def _dense_fns():
   return fwd, jax.jit(fwd_bwd)
 
 
-def _poet_fns(block, variant, implementation):
+def _poet_fns(block, variant, implementation, keep_cayley_state=False):
   def layer(x, q_in, q_out, a):
     return ops.poet_linear(
         x, a["kernel"], q_in, q_out, a["perm_in_inv"], a["perm_out"],
-        block_size=block, variant=variant, implementation=implementation,
+        block_size=block, variant=variant, implementation=implementation, keep_cayley_state=keep_cayley_state,
     )
 
   fwd = jax.jit(lambda a: layer(a["x"], a["q_in"], a["q_out"], a))
@@ -83,8 +96,8 @@ def layer_records(impls, records, tokens=2048, sets=4, shapes=SHAPES, blocks=BLO
       inputs = [(a,) for a in _inputs(key, tokens, d_in, d_out, block, sets, jnp.bfloat16)]
       dense_fwd, dense_fb = _dense_fns()
       rows = {"dense": (dense_fwd, dense_fb)}
-      for name, (variant, implementation) in impls.items():
-        rows[name] = _poet_fns(block, variant, implementation)
+      for name, impl in impls.items():
+        rows[name] = _poet_fns(block, *impl)
       base = None
       for name, (fwd, fb) in rows.items():
         fwd_ms = timing.time_ms(fwd, inputs)
@@ -156,7 +169,7 @@ def main(argv=None):
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "command": "python -m benchmarks.layer " + " ".join(sys.argv[1:])}
   records = JsonRecords(args.out, meta)
-  known = {"xla": ("fast", "xla"), "xla_mem": ("mem", "xla"), "pallas_fast": ("fast", "pallas"), "pallas_mem": ("mem", "pallas")}
+  known = KNOWN_IMPLS
   impls = {name: known[name] for name in args.impls.split(",") if name}
   if not args.skip_layers:
     layer_records(impls, records, tokens=args.tokens)

@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.poet.merge_interval = 200  # optimizer steps between merges
   c.poet.neumann_terms = 3  # k of the Cayley-Neumann map; None: the exact Cayley map
   c.poet.variant = "fast"  # "fast" (keep h) or "mem" (recompute h in the backward)
+  c.poet.keep_cayley_state = False  # keep the Cayley intermediates (pays off without scan_layers only)
   c.poet.targets = r".*"  # regex of wrapped layer paths
   c.poet.exclude = r"(^|/)(lm_head|head)(/|$)"  # regex of layer paths never wrapped
   c.poet.implementation = None  # "xla", "pallas", or None (measured: Pallas on a GPU for power-of-two b >= 16, else XLA)

@@ -20,8 +20,14 @@ class POETConfig:
     merge_interval: `T`, optimizer steps between merges (200 in POET-X, 400 in POET).
     neumann_terms: `k` of the Cayley–Neumann map (3 in POET-X); None for the exact
       Cayley map (a batched solve: exactly orthogonal, slower).
-    variant: "fast" (keep the hidden state and the Cayley–Neumann intermediates for
-      the backward) or "mem" (recompute them).
+    variant: "fast" (keep the hidden state for the backward) or "mem" (recompute it:
+      one more large GEMM per layer, less activation memory).
+    keep_cayley_state: keep the Cayley–Neumann intermediates (`Q`, `Q²`, `Q² − 2Q`,
+      Pallas only) for the backward instead of recomputing them with two small
+      kernels. Worth it for layers called directly (H100, 4096×14336, b = 256: 187 →
+      145 µs of Cayley kernels per layer); under `nn.scan` (the LLaMA configs) each
+      kept array is stacked per layer and copied in and out, which costs more
+      (llama1b step: see README, "Where a train step's time goes").
     targets: regular expression (`re.search`) over "/"-joined module paths of the
       Dense / DenseGeneral layers to wrap.
     exclude: regular expression of paths never wrapped (the output head by default).
@@ -50,6 +56,7 @@ class POETConfig:
   merge_interval: int = 200
   neumann_terms: int | None = 3
   variant: str = "fast"
+  keep_cayley_state: bool = False
   targets: str = r".*"
   exclude: str = r"(^|/)(lm_head|head)(/|$)"
   seed: int = 0

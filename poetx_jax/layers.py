@@ -156,6 +156,7 @@ def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, ne
       block_size=block,
       neumann_terms=config.neumann_terms,
       variant=config.variant,
+      keep_cayley_state=config.keep_cayley_state,
       implementation=config.implementation,
       interpret=config.pallas_interpret,
       precision=module.precision,

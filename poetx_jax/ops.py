@@ -5,10 +5,16 @@ products and one large GEMM. The backward is written by hand (a `custom_vjp`) so
 that gathers transpose into inverse gathers, `K_s` gets no gradient (so there is
 no third GEMM), and the two variants differ only in what they keep:
 
-* `fast` keeps `x`, `h = x[perm_in_inv]·BD(G_in)·K_s` and the Cayley–Neumann
-  map's intermediates (`Q`, `Q²`, `Q² − 2Q` per block, Pallas only);
-* `mem` keeps only `x` (and `G`) and recomputes the rest in the backward (one extra
-  large GEMM, two small Cayley kernels).
+* `fast` keeps `x`, `G` and `h = x[perm_in_inv]·BD(G_in)·K_s`;
+* `mem` keeps only `x` and `G`, and recomputes `h` in the backward (one extra large
+  GEMM).
+
+Either can also keep the Cayley–Neumann map's intermediates (`Q`, `Q²`, `Q² − 2Q`
+per block, Pallas only; `keep_cayley_state`), which saves the backward two small
+kernels but costs three more saved arrays per layer. Under `nn.scan` every saved
+array is stacked per layer, written and read back by a copy each, which costs more
+than the two kernels (see `POETConfig.keep_cayley_state`). For the same reason the
+inverse permutations, one scatter each, are recomputed in the backward, not saved.
 
 Inside the layer activations are feature-major (`(D, N)`, see `rotation.py`), so
 every permutation moves whole rows of tokens.
@@ -41,13 +47,30 @@ def _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision):
 # wide with b = 256, fills only half of an H100's multiprocessors), and the backward
 # writes both sides' cotangents into one buffer, so no slice, padding or sum is
 # copied between the kernels.
-_STATIC = ("backend", "keep_hidden", "precision", "block_size", "neumann_terms")
+_STATIC = ("backend", "keep_hidden", "keep_cayley_state", "precision", "block_size", "neumann_terms")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(len(_STATIC))))
-def _poet_layer(backend, keep_hidden, precision, block_size, neumann_terms, x_NI, k_IxO, q_RxE, perms):
-  """`q_RxE`: both sides' packed generators, float32, input side first."""
-  return _poet_layer_fwd(backend, keep_hidden, precision, block_size, neumann_terms, x_NI, k_IxO, q_RxE, perms)[0]
+def _poet_layer(backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, x_NI, k_IxO, qs, perms):
+  """`qs`: `(q_in_RxE, q_out_RxE)`, the packed generators; `perms`: `(perm_in_inv, perm_out)`."""
+  return _poet_layer_fwd(
+      backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, x_NI, k_IxO, qs, perms
+  )[0]
+
+
+def _joined(qs):
+  """Both sides' generators as one float32 `(R_in + R_out, E)` array, input side first.
+
+  Built again in the backward rather than saved: the layer's own arguments are saved
+  by reference, a new array would be stacked per layer under `nn.scan`.
+  """
+  return jnp.concatenate([q.astype(jnp.float32) for q in qs], axis=0)
+
+
+def _with_inverses(perms):
+  """`(perm_in_inv, perm_in, perm_out, perm_out_inv)` from the two stored gathers."""
+  perm_in_inv, perm_out = perms
+  return perm_in_inv, permutation.invert(perm_in_inv), perm_out, permutation.invert(perm_out)
 
 
 def _cayley_settings(x_dtype):
@@ -59,24 +82,25 @@ def _cayley_settings(x_dtype):
   return dict(precision=jax.lax.Precision.DEFAULT, operand_dtype=operand_dtype)
 
 
-def _poet_layer_fwd(backend, keep_hidden, precision, block_size, neumann_terms, x_NI, k_IxO, q_RxE, perms):
-  perm_in_inv, _, perm_out, perm_out_inv = perms
-  # fast also keeps what the Cayley backward would recompute (`Q`, `Q2`, `Q2 − 2Q`:
-  # 3·B² operand-dtype values per block), mem recomputes it.
+def _poet_layer_fwd(backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, x_NI, k_IxO, qs, perms):
+  q_RxE = _joined(qs)
+  perm_in_inv, _, perm_out, perm_out_inv = _with_inverses(perms)
+  # Optionally keeps what the Cayley backward would recompute (`Q`, `Q2`, `Q2 − 2Q`:
+  # 3·B² operand-dtype values per block).
   g_RxBxB, cayley_state = backend.cayley_forward(
-      q_RxE, block_size, neumann_terms, out_dtype=x_NI.dtype, keep_state=keep_hidden, **_cayley_settings(x_NI.dtype)
+      q_RxE, block_size, neumann_terms, out_dtype=x_NI.dtype, keep_state=keep_cayley_state, **_cayley_settings(x_NI.dtype)
   )
   x_IxN = x_NI.T  # feature-major inside the layer: permutations move whole rows
   h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
   y_OxN = backend.rotate_gather(h_OxN, g_RxBxB, perm_out, perm_out_inv, block_offset=x_NI.shape[-1] // block_size)
   saved_h = h_OxN if keep_hidden else None
-  return y_OxN.T, (x_IxN, saved_h, k_IxO, q_RxE, g_RxBxB, cayley_state, perms)
+  return y_OxN.T, (x_IxN, saved_h, k_IxO, qs, g_RxBxB, cayley_state, perms)
 
 
-def _poet_layer_bwd(backend, keep_hidden, precision, block_size, neumann_terms, residuals, dy_NO):
-  del keep_hidden
-  x_IxN, h_OxN, k_IxO, q_RxE, g_RxBxB, cayley_state, perms = residuals
-  perm_in_inv, perm_in, _, perm_out_inv = perms
+def _poet_layer_bwd(backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, residuals, dy_NO):
+  del keep_hidden, keep_cayley_state
+  x_IxN, h_OxN, k_IxO, qs, g_RxBxB, cayley_state, perms = residuals
+  perm_in_inv, perm_in, _, perm_out_inv = _with_inverses(perms)
   blocks_in = x_IxN.shape[0] // block_size
   if h_OxN is None:  # mem: recompute the hidden state, one extra large GEMM
     h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
@@ -96,9 +120,10 @@ def _poet_layer_bwd(backend, keep_hidden, precision, block_size, neumann_terms, 
   dg_RxBxB, copy = _outer_sums(backend, dg_RxBxB, copy, x_IxN, perm_in_inv, dxr_IxN, None, 0)
   dx_IxN = backend.rotate_gather(dxr_IxN, g_RxBxB, perm_in, perm_in_inv, transpose=True)
   dq_RxE = backend.cayley_backward(
-      q_RxE, dg_RxBxB, block_size, neumann_terms, state=cayley_state, dg_operand=copy, **settings
+      _joined(qs), dg_RxBxB, block_size, neumann_terms, state=cayley_state, dg_operand=copy, **settings
   )
-  return dx_IxN.T, None, dq_RxE, None
+  dqs = (dq_RxE[:blocks_in].astype(qs[0].dtype), dq_RxE[blocks_in:].astype(qs[1].dtype))
+  return dx_IxN.T, None, dqs, None
 
 
 _poet_layer.defvjp(_poet_layer_fwd, _poet_layer_bwd)
@@ -135,6 +160,7 @@ def poet_linear(
     block_size: int,
     neumann_terms: int | None = 3,
     variant: str = "fast",
+    keep_cayley_state: bool = False,
     implementation: str | None = None,
     interpret: bool = False,
     precision=None,
@@ -152,6 +178,8 @@ def poet_linear(
     block_size: `B`.
     neumann_terms: `k` of the Cayley–Neumann map; None for the exact Cayley map.
     variant: "fast" (keep `h`) or "mem" (recompute it in the backward).
+    keep_cayley_state: keep the Cayley–Neumann intermediates for the backward
+      (Pallas only; see the module docstring and `POETConfig.keep_cayley_state`).
     implementation: "xla", "pallas" or None (chosen by measurement); see `backends.resolve`.
     interpret: run Pallas kernels in the interpreter.
     precision: `jax.lax.Precision` of the two large GEMMs.
@@ -175,9 +203,10 @@ def poet_linear(
   x_2d = x_NI.reshape(-1, x_NI.shape[-1])
 
   def local(x_2d, base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O):
-    perms = (perm_in_inv_I, permutation.invert(perm_in_inv_I), perm_out_O, permutation.invert(perm_out_O))
-    q_RxE = jnp.concatenate([q_in_RxE.astype(jnp.float32), q_out_RxE.astype(jnp.float32)], axis=0)
-    return _poet_layer(backend, variant == "fast", precision, block_size, neumann_terms, x_2d, base_kernel_IxO, q_RxE, perms)
+    return _poet_layer(
+        backend, variant == "fast", keep_cayley_state, precision, block_size, neumann_terms, x_2d, base_kernel_IxO,
+        (q_in_RxE, q_out_RxE), (perm_in_inv_I, perm_out_O),
+    )
 
   args = (x_2d, base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O)
   mesh = jax.sharding.get_abstract_mesh()

@@ -275,14 +275,14 @@ def test_every_kernel_lowers_to_triton_for_an_h100(block):
       assert f'name = "{name}"' in module, name
 
 
-@pytest.mark.parametrize("variant", ["fast", "mem"])
-def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_times(variant):
+@pytest.mark.parametrize("variant,keep_cayley_state", [("fast", False), ("mem", False), ("fast", True), ("mem", True)])
+def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_times(variant, keep_cayley_state):
   """A wrapped two-layer model's jitted, rematerialized loss + gradient, lowered for an H100.
 
   Per wrapped layer: the forward runs 2 rotations (gather, scatter) and, for both sides
   at once, the 3 Cayley–Neumann forward kernels (unpack, square, Neumann); the backward
   runs 2 more rotations, 2 outer sums and 3 Cayley kernels (∇2, dense dQ, packing), plus
-  unpack and square again for `mem`, which does not keep their results.
+  unpack and square again unless `keep_cayley_state` kept their results.
   Rematerialization (`jax.checkpoint`) re-runs the forward inside the backward, keeping
   only what the backward needs.
   """
@@ -296,7 +296,9 @@ def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_t
     def __call__(self, x):
       return nn.Dense(64, use_bias=False, name="b")(jnp.tanh(nn.Dense(64, use_bias=False, name="a")(x)))
 
-  config = poetx_jax.POETConfig(block_size=32, implementation="pallas", exclude=r"^$", variant=variant)
+  config = poetx_jax.POETConfig(
+      block_size=32, implementation="pallas", exclude=r"^$", variant=variant, keep_cayley_state=keep_cayley_state
+  )
   model = poetx_jax.wrap(TwoLayers(), config)
   x = jnp.ones((40, 64), jnp.bfloat16)
   shapes_only = poetx_jax.wrap(TwoLayers(), dataclasses.replace(config, implementation="xla"))
@@ -309,14 +311,15 @@ def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_t
   module = triton_backend.lower_for_h100(train_step, variables, jax.ShapeDtypeStruct(x.shape, x.dtype))
   layers = 2
   recomputed = 1 if variant == "mem" else 0
+  cayley_again = 0 if keep_cayley_state else 1
   expected = {
       # forward, backward, forward again (remat) -- but the recomputed forward of the last
       # layer needs only h, not its output rotation, so that one launch is dead code.
       # mem's backward rotates the input again to recompute h.
       "poetx_block_rotate": layers * (2 + 2 + 2 + recomputed) - 1,
       "poetx_block_outer_sum": layers * 2,
-      "poetx_cayley_skew": layers * (1 + 1 + recomputed),  # forward, forward again, (backward)
-      "poetx_cayley_square": layers * (1 + 1 + recomputed),
+      "poetx_cayley_skew": layers * (1 + 1 + cayley_again),  # forward, forward again, (backward)
+      "poetx_cayley_square": layers * (1 + 1 + cayley_again),
       "poetx_cayley_neumann": layers * (1 + 1),
       "poetx_cayley_grad2": layers,
       "poetx_cayley_dq": layers,

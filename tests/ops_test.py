@@ -1,4 +1,5 @@
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -92,6 +93,35 @@ def test_mem_keeps_no_hidden_state(rng):
 
   assert 32 * 64 in residual_sizes("fast")  # h: N x d_out
   assert 32 * 64 not in residual_sizes("mem")
+
+
+@pytest.mark.parametrize("variant", ops.VARIANTS)
+@pytest.mark.parametrize("keep_cayley_state", [False, True])
+def test_the_backward_saves_only_what_it_cannot_cheaply_recompute(rng, capsys, variant, keep_cayley_state):
+  """Saved arrays that are not the layer's own arguments: `Gᵀ`-side blocks, `xᵀ`, `h` (fast)
+  and the Cayley intermediates only when asked. Under `nn.scan` each one is stacked per
+  layer and copied in and out, so the inverse permutations and the joined generators
+  (cheap to rebuild) must not be among them."""
+  block, d_in, d_out, tokens = 16, 32, 48, 5
+  layer = _layer(rng, d_in, d_out, block)
+  x = jnp.asarray(rng.standard_normal((tokens, d_in)), jnp.float32)
+
+  def loss(x, q_in, q_out):
+    y = ops.poet_linear(
+        x, **dict(layer, q_in_RxE=q_in, q_out_RxE=q_out), block_size=block, variant=variant,
+        keep_cayley_state=keep_cayley_state, implementation="pallas", interpret=True,
+    )
+    return jnp.sum(y * weights)  # linear: the loss itself saves nothing
+
+  weights = jnp.asarray(rng.standard_normal((tokens, d_out)), jnp.float32)
+  jax.ad_checkpoint.print_saved_residuals(loss, x, layer["q_in_RxE"], layer["q_out_RxE"])
+  lines = capsys.readouterr().out.strip().splitlines()
+  computed = sorted(line.split()[0] for line in lines if " output of " in line)  # not arguments or constants
+  blocks = (d_in + d_out) // block
+  expected = [f"f32[{blocks},{block},{block}]"] * (4 if keep_cayley_state else 1)  # G (+ Q, Q2, M)
+  expected += [f"f32[{d_in},{tokens}]"] + ([f"f32[{d_out},{tokens}]"] if variant == "fast" else [])  # xᵀ, h
+  assert computed == sorted(expected), lines
+  assert not any(line.startswith("i32") and " output of " in line for line in lines)
 
 
 def test_bfloat16_stays_close_to_float32(rng):
