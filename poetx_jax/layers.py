@@ -142,7 +142,11 @@ def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, ne
         "bias", lambda rng, shape, dtype: module.bias_init(rng, (d_out,), dtype).reshape(shape), features, module.param_dtype
     )
 
-  inputs, base_kernel, bias = nn.dtypes.promote_dtype(inputs, base_kernel, bias, dtype=module.dtype)
+  # The base kernel enters the layer in its stored dtype and is cast inside it, in the
+  # forward and again in the backward: a cast made here would be a new array that the
+  # backward saves, which `nn.scan` stacks per layer (a copy in and out of every kernel,
+  # every step); the stored kernel itself is saved by reference.
+  inputs, _, bias = nn.dtypes.promote_dtype(inputs, base_kernel, bias, dtype=module.dtype)
   lead_axes = tuple(a for a in range(inputs.ndim) if a not in axis)
   x_NI = jnp.transpose(inputs, lead_axes + axis) if axis != tuple(range(inputs.ndim - len(axis), inputs.ndim)) else inputs
   lead_shape = tuple(inputs.shape[a] for a in lead_axes)

@@ -14,7 +14,10 @@ per block, Pallas only; `keep_cayley_state`), which saves the backward two small
 kernels but costs three more saved arrays per layer. Under `nn.scan` every saved
 array is stacked per layer, written and read back by a copy each, which costs more
 than the two kernels (see `POETConfig.keep_cayley_state`). For the same reason the
-inverse permutations, one scatter each, are recomputed in the backward, not saved.
+backward rebuilds what is cheap to rebuild rather than saving it: the inverse
+permutations (a scatter each), `xᵀ` (a transpose of the saved `x`, which layers
+reading one input share) and the base kernel cast to the activations' dtype (fused
+into the GEMM that reads it).
 
 Inside the layer activations are feature-major (`(D, N)`, see `rotation.py`), so
 every permutation moves whole rows of tokens.
@@ -82,7 +85,9 @@ def _cayley_settings(x_dtype):
   return dict(precision=jax.lax.Precision.DEFAULT, operand_dtype=operand_dtype)
 
 
-def _poet_layer_fwd(backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, x_NI, k_IxO, qs, perms):
+def _poet_layer_fwd(backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, x, k_IxO, qs, perms):
+  """`x`: `(..., I)`, flattened to token rows here rather than by the caller (see the residuals)."""
+  x_NI = x.reshape(-1, x.shape[-1])
   q_RxE = _joined(qs)
   perm_in_inv, _, perm_out, perm_out_inv = _with_inverses(perms)
   # Optionally keeps what the Cayley backward would recompute (`Q`, `Q2`, `Q2 − 2Q`:
@@ -94,17 +99,21 @@ def _poet_layer_fwd(backend, keep_hidden, keep_cayley_state, precision, block_si
   h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
   y_OxN = backend.rotate_gather(h_OxN, g_RxBxB, perm_out, perm_out_inv, block_offset=x_NI.shape[-1] // block_size)
   saved_h = h_OxN if keep_hidden else None
-  return y_OxN.T, (x_IxN, saved_h, k_IxO, qs, g_RxBxB, cayley_state, perms)
+  # x is saved as it came (by reference: layers reading the same input, like q/k/v,
+  # share it) and flattened and transposed again in the backward; a saved `x_IxN`
+  # would be one more array per layer, stacked per layer under `nn.scan`.
+  return y_OxN.T.reshape(x.shape[:-1] + (y_OxN.shape[0],)), (x, saved_h, k_IxO, qs, g_RxBxB, cayley_state, perms)
 
 
-def _poet_layer_bwd(backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, residuals, dy_NO):
+def _poet_layer_bwd(backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, residuals, dy):
   del keep_hidden, keep_cayley_state
-  x_IxN, h_OxN, k_IxO, qs, g_RxBxB, cayley_state, perms = residuals
+  x, h_OxN, k_IxO, qs, g_RxBxB, cayley_state, perms = residuals
+  x_IxN = x.reshape(-1, x.shape[-1]).T
   perm_in_inv, perm_in, _, perm_out_inv = _with_inverses(perms)
   blocks_in = x_IxN.shape[0] // block_size
   if h_OxN is None:  # mem: recompute the hidden state, one extra large GEMM
     h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
-  dy_OxN = dy_NO.T
+  dy_OxN = dy.reshape(-1, dy.shape[-1]).T
   settings = _cayley_settings(x_IxN.dtype)
   # The Cayley backward multiplies dG in its operand dtype: with bfloat16 operands the
   # outer sums also write that rounded copy (no separate cast of the cotangent).
@@ -123,7 +132,7 @@ def _poet_layer_bwd(backend, keep_hidden, keep_cayley_state, precision, block_si
       _joined(qs), dg_RxBxB, block_size, neumann_terms, state=cayley_state, dg_operand=copy, **settings
   )
   dqs = (dq_RxE[:blocks_in].astype(qs[0].dtype), dq_RxE[blocks_in:].astype(qs[1].dtype))
-  return dx_IxN.T, None, dqs, None
+  return dx_IxN.T.reshape(x.shape), None, dqs, None
 
 
 _poet_layer.defvjp(_poet_layer_fwd, _poet_layer_bwd)
@@ -199,21 +208,21 @@ def poet_linear(
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
   check_shapes(x_NI.shape, base_kernel_IxO.shape, q_in_RxE.shape, q_out_RxE.shape, block_size)
   backend = backends.resolve(implementation, interpret=interpret, block_size=block_size)
-  lead_shape = x_NI.shape[:-1]
-  x_2d = x_NI.reshape(-1, x_NI.shape[-1])
 
-  def local(x_2d, base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O):
+  def local(x, base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O):
     return _poet_layer(
-        backend, variant == "fast", keep_cayley_state, precision, block_size, neumann_terms, x_2d, base_kernel_IxO,
+        backend, variant == "fast", keep_cayley_state, precision, block_size, neumann_terms, x, base_kernel_IxO,
         (q_in_RxE, q_out_RxE), (perm_in_inv_I, perm_out_O),
     )
 
-  args = (x_2d, base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O)
+  params = (base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O)
   mesh = jax.sharding.get_abstract_mesh()
   token_axes = _token_axes(mesh, batch_axes) if backend.name.startswith("pallas") else ()
-  if token_axes:
-    local = _on_local_tokens(local, mesh, token_axes, x_2d.shape[0])
-  return local(*args).reshape(lead_shape + (base_kernel_IxO.shape[-1],))
+  if not token_axes:
+    return local(x_NI, *params)
+  x_2d = x_NI.reshape(-1, x_NI.shape[-1])  # the devices split token rows
+  y_2d = _on_local_tokens(local, mesh, token_axes, x_2d.shape[0])(x_2d, *params)
+  return y_2d.reshape(x_NI.shape[:-1] + (base_kernel_IxO.shape[-1],))
 
 
 def _token_axes(mesh, batch_axes) -> tuple[str, ...]:
