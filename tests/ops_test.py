@@ -8,14 +8,6 @@ from conftest import relative_error
 from poetx_jax import cayley, ops, permutation, skew
 
 
-@pytest.fixture(autouse=True)
-def _float32_matmuls():
-  """These compare float32 formulations at 1e-5; a GPU's default matmul precision is
-  TF32 (about 1e-3 relative: 4.8e-4 measured on the H100, `raw/run35_gpu_tests.txt`)."""
-  with jax.default_matmul_precision("float32"):
-    yield
-
-
 def _layer(rng, d_in, d_out, block, q_scale=0.1, dtype=jnp.float32):
   e = skew.packed_size(block)
   return dict(
