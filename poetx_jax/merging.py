@@ -67,6 +67,26 @@ def merge(variables: Variables, opt_state: Any, config: POETConfig, merge_index:
     parameter, optimizer state and the learning-rate schedules go on.
   """
   params, poet = variables["params"], variables[layers.POET_COLLECTION]
+  variables = {
+      **variables,
+      "params": _zeroed_orthogonal(params, poet),
+      layers.POET_COLLECTION: _merged_poet(params, poet, config, merge_index),
+  }
+  return variables, optim.reset_orthogonal_state(opt_state)
+
+
+def _zeroed_orthogonal(params, poet, where=None):
+  """`params` with every wrapped layer's orthogonal parameters zeroed (where `where`, if given)."""
+  for path, _ in tree_paths.poet_layers(poet):
+    new_q = dict(tree_paths.get_path(params, path))
+    for name in layers.ORTHOGONAL_PARAMS:
+      new_q[name] = optim.zeroed(new_q[name], where)
+    params = tree_paths.with_path(params, path, new_q)
+  return params
+
+
+def _merged_poet(params, poet, config: POETConfig, merge_index):
+  """The `poet` collection after a merge: every layer's new `K_s` and permutations."""
   for path, state in tree_paths.poet_layers(poet):
     q_layer = tree_paths.get_path(params, path)
     (q_in, q_out), k_s, perm_in_inv, perm_out, stacked = _layer_arrays(state, q_layer)
@@ -89,12 +109,7 @@ def merge(variables: Variables, opt_state: Any, config: POETConfig, merge_index:
     new_state[layers.PERM_IN_INV] = tree_paths.reboxed(state[layers.PERM_IN_INV], new_perm_in_inv)
     new_state[layers.PERM_OUT] = tree_paths.reboxed(state[layers.PERM_OUT], new_perm_out)
     poet = tree_paths.with_path(poet, path, new_state)
-    new_q = dict(q_layer)
-    for name in layers.ORTHOGONAL_PARAMS:
-      new_q[name] = jax.tree_util.tree_map(jnp.zeros_like, q_layer[name])
-    params = tree_paths.with_path(params, path, new_q)
-  variables = {**variables, "params": params, layers.POET_COLLECTION: poet}
-  return variables, optim.reset_orthogonal_state(opt_state)
+  return poet
 
 
 def _row_major(x: jax.Array) -> jax.Array:
@@ -121,13 +136,17 @@ def merge_if_needed(step: jax.Array | int, variables: Variables, opt_state: Any,
   number of updates applied so far. The merge index is `step // merge_interval`.
   """
   step = jnp.asarray(step)
-  return jax.lax.cond(
-      should_merge(step, config),
-      lambda v, o: merge(v, o, config, step // config.merge_interval),
-      lambda v, o: (v, o),
-      variables,
-      opt_state,
+  merging = should_merge(step, config)
+  params, poet = variables["params"], variables[layers.POET_COLLECTION]
+  # Only the new base kernels and permutations need the cond. The orthogonal parameters
+  # and their moments are zeroed by a select instead: a cond's untaken branch copies
+  # every array it passes through (in the jitted llama1b step, each one of them, every
+  # step that does not merge), where the select fuses into the update that writes them.
+  poet = jax.lax.cond(
+      merging, lambda p, f: _merged_poet(p, f, config, step // config.merge_interval), lambda p, f: f, params, poet
   )
+  variables = {**variables, "params": _zeroed_orthogonal(params, poet, merging), layers.POET_COLLECTION: poet}
+  return variables, optim.reset_orthogonal_state(opt_state, merging)
 
 
 def flat_effective_kernel(state, q_layer) -> jax.Array:

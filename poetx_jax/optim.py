@@ -122,24 +122,35 @@ def optimizer(
   return optax.chain(clip, groups)
 
 
-def _zero_adam(state: Any) -> Any:
+def zeroed(tree: Any, where: jax.Array | bool | None = None) -> Any:
+  """`tree` with every leaf zero, or, given a scalar `where`, zero only where it is true.
+
+  The select form lets a jitted step reset state without a `lax.cond` (whose untaken
+  branch would copy every array it passes through); XLA fuses it into the elementwise
+  update that writes the array anyway.
+  """
+  if where is None:
+    return jax.tree_util.tree_map(jnp.zeros_like, tree)
+  return jax.tree_util.tree_map(lambda x: jnp.where(where, jnp.zeros_like(x), x), tree)
+
+
+def _zero_adam(state: Any, where=None) -> Any:
   def reset(node):
     if isinstance(node, optax.ScaleByAdamState):
       return optax.ScaleByAdamState(
-          count=jnp.zeros_like(node.count),
-          mu=jax.tree_util.tree_map(jnp.zeros_like, node.mu),
-          nu=jax.tree_util.tree_map(jnp.zeros_like, node.nu),
+          count=zeroed(node.count, where), mu=zeroed(node.mu, where), nu=zeroed(node.nu, where)
       )
     return node
 
   return jax.tree_util.tree_map(reset, state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
 
 
-def reset_orthogonal_state(opt_state: Any) -> Any:
+def reset_orthogonal_state(opt_state: Any, where: jax.Array | bool | None = None) -> Any:
   """Zeroes Adam's moments and step count of the `orthogonal` group only (SPEC §6.4).
 
   The learning-rate schedules (their own counters), the clip counter and every
-  other group's state go on.
+  other group's state go on. `where`: a scalar bool; reset only when it is true
+  (selected elementwise, see `zeroed`), None to reset.
 
   Raises:
     ValueError: if `opt_state` holds no state of `poetx_jax.optimizer`.
@@ -150,7 +161,7 @@ def reset_orthogonal_state(opt_state: Any) -> Any:
     if isinstance(node, optax.MultiTransformState) and ORTHOGONAL in node.inner_states:
       found.append(True)
       inner = dict(node.inner_states)
-      inner[ORTHOGONAL] = _zero_adam(inner[ORTHOGONAL])
+      inner[ORTHOGONAL] = _zero_adam(inner[ORTHOGONAL], where)
       return node._replace(inner_states=inner)
     return node
 

@@ -55,15 +55,22 @@ def test_merge_in_float32_with_bfloat16_storage():
 
 
 def test_merge_if_needed_merges_exactly_at_multiples_inside_jit():
+  """Inside jit, at multiples of the interval it returns exactly what `merge` does, elsewhere
+  exactly its inputs (the frozen state goes through a cond, the rest through selects)."""
   config = poetx_jax.POETConfig(block_size=4, merge_interval=3)
   _, _, variables, _ = _init(config)
   variables = _randomize_q(variables, 0.1)
-  opt_state = _opt(config).init(variables["params"])
+  tx = _opt(config)
+  grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.01), variables["params"])
+  _, opt_state = tx.update(grads, tx.init(variables["params"]), variables["params"])  # nonzero moments
   step_fn = jax.jit(lambda s, v, o: poetx_jax.merge_if_needed(s, v, o, config))
   for step in range(8):
-    merged, _ = step_fn(jnp.int32(step), variables, opt_state)
-    zeroed = float(jnp.abs(merged["params"]["mlp"]["q_in"]).max()) == 0.0
-    assert zeroed == (step > 0 and step % 3 == 0), step
+    got = step_fn(jnp.int32(step), variables, opt_state)
+    merges = step > 0 and step % 3 == 0
+    want = poetx_jax.merge(variables, opt_state, config, step // 3) if merges else (variables, opt_state)
+    chex.assert_trees_all_equal(got, want)
+    zeroed = float(jnp.abs(got[0]["params"]["mlp"]["q_in"]).max()) == 0.0
+    assert zeroed == merges, step
 
 
 def test_merging_a_mismatched_params_tree_names_the_path():
