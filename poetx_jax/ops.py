@@ -220,9 +220,13 @@ def poet_linear(
   token_axes = _token_axes(mesh, batch_axes) if backend.name.startswith("pallas") else ()
   if not token_axes:
     return local(x_NI, *params)
-  x_2d = x_NI.reshape(-1, x_NI.shape[-1])  # the devices split token rows
-  y_2d = _on_local_tokens(local, mesh, token_axes, x_2d.shape[0])(x_2d, *params)
-  return y_2d.reshape(x_NI.shape[:-1] + (base_kernel_IxO.shape[-1],))
+  # The devices split the leading axis: x's own when it divides (x then stays the array
+  # the caller passed, which layers reading one input share in what they save), else
+  # the flattened token rows.
+  shards = math.prod(mesh.shape[a] for a in token_axes)
+  x_split = x_NI if x_NI.ndim > 1 and x_NI.shape[0] % shards == 0 else x_NI.reshape(-1, x_NI.shape[-1])
+  y = _on_local_tokens(local, mesh, token_axes, x_split.shape[0])(x_split, *params)
+  return y.reshape(x_NI.shape[:-1] + (base_kernel_IxO.shape[-1],))
 
 
 def _token_axes(mesh, batch_axes) -> tuple[str, ...]:

@@ -73,6 +73,32 @@ def test_sharded_pallas_layer_equals_the_unsharded_one(layer_inputs):
   assert ("pallas_call", True) in found and ("pallas_call", False) not in found
 
 
+def test_under_a_mesh_layers_reading_one_input_save_it_once(layer_inputs, capsys):
+  """The devices split x's own leading axis, so x reaches the layer as the caller's array
+  and is saved by reference: q/k/v-like layers share it (a flattened copy would be saved,
+  and stacked under `nn.scan`, once per layer)."""
+  import jax.ad_checkpoint
+
+  a = layer_inputs
+  mesh = _mesh()
+  weights = jnp.ones(a["x"].shape[:-1] + (D_OUT,), jnp.float32)
+
+  def loss(x):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      ys = [
+          ops.poet_linear(x, a["base"], a["q_in"], a["q_out"], a["perm_in"], a["perm_out"], block_size=BLOCK,
+                          implementation="pallas", interpret=True)
+          for _ in range(3)
+      ]
+    return sum(jnp.sum(y * weights) for y in ys)
+
+  jax.ad_checkpoint.print_saved_residuals(loss, a["x"])
+  lines = capsys.readouterr().out.strip().splitlines()
+  x_shape = "f32[" + ",".join(map(str, a["x"].shape)) + "]"
+  assert [line for line in lines if "from the argument x" in line] == [f"{x_shape} from the argument x"], lines
+  assert not any("reshape" in line for line in lines), lines  # no flattened copy saved per layer
+
+
 def test_no_mesh_and_empty_batch_axes_leave_partitioning_to_xla(layer_inputs):
   assert "shard_map" not in str(jax.make_jaxpr(lambda: _loss_and_grads(layer_inputs))())
   mesh = _mesh()
