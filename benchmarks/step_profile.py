@@ -42,7 +42,7 @@ def kind_of(kernel_name: str) -> str:
   return "other fusions"
 
 
-def step_wall_ms(compiled, state, data, steps: int = 8) -> float:
+def step_wall_ms(compiled, state, data, steps: int = 8) -> tuple[float, object]:
   """`(median wall milliseconds of the compiled step after two warm-up steps, the state)`:
   the step donates its state, so the caller goes on with the one returned."""
   times = []

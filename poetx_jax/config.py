@@ -80,6 +80,8 @@ class POETConfig:
       problems.append(f"neumann_terms must be an int >= 0 or None (exact Cayley), got {self.neumann_terms!r}")
     if self.variant not in ops.VARIANTS:
       problems.append(f"variant must be one of {ops.VARIANTS}, got {self.variant!r}")
+    if not isinstance(self.keep_cayley_state, bool):
+      problems.append(f"keep_cayley_state must be True or False, got {self.keep_cayley_state!r}")
     if self.batch_axes is not None and not (
         isinstance(self.batch_axes, tuple) and all(isinstance(a, str) for a in self.batch_axes)
     ):

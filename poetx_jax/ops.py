@@ -206,6 +206,8 @@ def poet_linear(
   """
   if variant not in VARIANTS:
     raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+  if not isinstance(keep_cayley_state, bool):
+    raise ValueError(f"keep_cayley_state must be True or False, got {keep_cayley_state!r}.")
   check_shapes(x_NI.shape, base_kernel_IxO.shape, q_in_RxE.shape, q_out_RxE.shape, block_size)
   backend = backends.resolve(implementation, interpret=interpret, block_size=block_size)
 

@@ -139,6 +139,8 @@ def test_bad_arguments_raise(rng):
   x = jnp.zeros((2, 16))
   with pytest.raises(ValueError, match="variant must be one of"):
     ops.poet_linear(x, **layer, block_size=4, variant="slow")
+  with pytest.raises(ValueError, match="keep_cayley_state must be True or False"):
+    ops.poet_linear(x, **layer, block_size=4, keep_cayley_state="no")
   with pytest.raises(ValueError, match="implementation must be one of"):
     ops.poet_linear(x, **layer, block_size=4, implementation="cuda")
   with pytest.raises(ValueError, match="input has 15 features"):

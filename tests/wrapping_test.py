@@ -116,5 +116,5 @@ def test_wrap_rejects_non_modules():
 
 
 def test_config_validation_lists_every_problem():
-  with pytest.raises(ValueError, match=r"block_size must be.*variant must be"):
-    poetx_jax.POETConfig(block_size=1, variant="slow")
+  with pytest.raises(ValueError, match=r"block_size must be.*variant must be.*keep_cayley_state must be True or False"):
+    poetx_jax.POETConfig(block_size=1, variant="slow", keep_cayley_state="false")
