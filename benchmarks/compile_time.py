@@ -57,18 +57,25 @@ def build(model: str, implementation: str, batch: int, seq_len: int, method: str
   return run, config, state, data
 
 
-def measure(model: str, implementation: str, batch: int, seq_len: int, steps: int, method: str, scan: bool = False) -> dict:
-  run, _, state, data = build(model, implementation, batch, seq_len, method, scan)
-  start = time.perf_counter()
-  compiled = run.train_step.lower(state, data).compile()
-  compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
+def step_seconds(compiled, state, data, steps: int) -> tuple[list[float], object]:
+  """`(wall seconds of each of `steps` calls of the compiled step, the state)`: the step
+  donates its state, so the caller goes on with the one returned."""
   times = []
   for _ in range(steps):
     start = time.perf_counter()
     state, metrics = compiled(state, data)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
+  return times, state
+
+
+def measure(model: str, implementation: str, batch: int, seq_len: int, steps: int, method: str, scan: bool = False) -> dict:
+  run, _, state, data = build(model, implementation, batch, seq_len, method, scan)
+  start = time.perf_counter()
+  compiled = run.train_step.lower(state, data).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  times, _ = step_seconds(compiled, state, data, steps)
   step_s = statistics.median(times[1:] or times)
   return {"model": model, "method": method, "implementation": implementation, "scan_layers": scan, "compile_s": compile_s, "step_s": step_s,
           "tokens_per_sec": batch * seq_len / step_s, "temp_gib": memory.temp_size_in_bytes / 2**30 if memory else None}

@@ -18,7 +18,6 @@ import os
 import re
 import statistics
 import tempfile
-import time
 
 import jax
 
@@ -43,14 +42,8 @@ def kind_of(kernel_name: str) -> str:
 
 
 def step_wall_ms(compiled, state, data, steps: int = 8) -> tuple[float, object]:
-  """`(median wall milliseconds of the compiled step after two warm-up steps, the state)`:
-  the step donates its state, so the caller goes on with the one returned."""
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, data)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+  """`(median wall milliseconds of the compiled step after two warm-up steps, the state)`."""
+  times, state = compile_time.step_seconds(compiled, state, data, steps)
   return statistics.median(times[2:]) * 1e3, state
 
 
