@@ -27,18 +27,6 @@ ROTATIONS = (
     R(rows=256, tokens=64, depth=64, num_warps=8, num_stages=3),
     R(rows=128, tokens=256, depth=32, num_warps=8, num_stages=3),
 )
-# G-stationary candidates, (rows, tokens, num_warps, num_stages, token_programs): depth is B.
-STATIONARY = (
-    (128, 128, 8, 2, 2),
-    (128, 128, 8, 2, 4),
-    (128, 128, 8, 2, 8),
-    (128, 64, 8, 3, 4),
-    (128, 64, 8, 3, 8),
-    (64, 128, 4, 2, 4),
-    (64, 128, 4, 2, 8),
-    (64, 64, 4, 3, 8),
-    (256, 64, 8, 2, 4),
-)
 O = block_sizes.OuterSumTiles
 OUTER_SUMS = (
     O(rows=128, cols=128, depth=64, num_warps=8),
@@ -78,11 +66,7 @@ def main(argv=None):
                      jax.random.normal(k4, (d, tokens), jnp.bfloat16)))
       floor_us = 2 * d * tokens * 2 / 3.0e12 * 1e6
       print(f"D={d} N={tokens} b={block}: rotation memory floor {floor_us:.1f} µs, outer sum the same (two reads)")
-      stationary = tuple(
-          R(rows=rows, tokens=tok, depth=block, num_warps=w, num_stages=st, token_programs=p)
-          for rows, tok, w, st, p in STATIONARY
-      )
-      for t in ROTATIONS + stationary if "rotation" in kernels else ():
+      for t in ROTATIONS if "rotation" in kernels else ():
         if t.rows > block:
           continue
         gather = jax.jit(lambda a, g, p, b, t=t: block_rotation._launch(a, g, p, None, False, False, t))  # pylint: disable=protected-access

@@ -15,7 +15,6 @@ scatter), its backward, and its own VJP.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -70,41 +69,6 @@ def _kernel(*refs, block, block_offset, tokens_total, tiles, transpose, gather, 
   tb.store(o_ref.at[dest[:, None], tokens[None, :]], acc.astype(o_ref.dtype), mask=token_mask)
 
 
-def _stationary_kernel(*refs, block, block_offset, tokens_total, tiles, transpose, gather, scatter, token_tiles):
-  """The same rotation with this program's `rows x B` slice of `G_r` loaded once.
-
-  The streaming kernel re-reads `G` for every token tile: at b = 256 that is as many
-  bytes from L2 as the activations themselves. Here each program keeps its slice and
-  walks token tiles `t, t + T', …` (`T'` programs along the tokens).
-  """
-  refs = list(refs)
-  gather_ref = refs.pop(0) if gather else None
-  scatter_ref = refs.pop(0) if scatter else None
-  a_ref, g_ref, o_ref = refs
-  r, row_tile, first = tb.program_id(0), tb.program_id(1), tb.program_id(2)
-  rows = row_tile * tiles.rows + jnp.arange(tiles.rows)
-  inner = jnp.arange(block)
-  source = r * block + inner
-  if gather:
-    source = tb.load(gather_ref.at[source])
-  if transpose:
-    m = tb.load(g_ref.at[r + block_offset, rows[:, None], inner[None, :]])
-  else:
-    m = tb.load(g_ref.at[r + block_offset, inner[:, None], rows[None, :]]).T
-  dest = r * block + rows
-  if scatter:
-    dest = tb.load(scatter_ref.at[dest])
-
-  def step(k, carry):
-    tokens = (first + k * tiles.token_programs) * tiles.tokens + jnp.arange(tiles.tokens)
-    mask = (tokens < tokens_total)[None, :]
-    a = tb.load(a_ref.at[source[:, None], tokens[None, :]], mask=mask, other=0)
-    tb.store(o_ref.at[dest[:, None], tokens[None, :]], tb.dot(m, a).astype(o_ref.dtype), mask=mask)
-    return carry
-
-  jax.lax.fori_loop(0, tb.cdiv(token_tiles, tiles.token_programs), step, 0)
-
-
 def _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, tiles=None, block_offset=0):
   _, block, _ = g_RxBxB.shape
   d, n = a_DxN.shape
@@ -113,24 +77,14 @@ def _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, tiles=None, b
   # Every token tile re-reads its block's G: cast once (a no-op when the caller
   # already holds G in the activations' dtype, as the layer does), not per tile.
   g_RxBxB = g_RxBxB.astype(a_DxN.dtype)
-  common = dict(
-      block=block, block_offset=block_offset, tokens_total=n, tiles=tiles, transpose=transpose,
+  kernel = functools.partial(
+      _kernel, block=block, block_offset=block_offset, tokens_total=n, tiles=tiles, transpose=transpose,
       gather=gather is not None, scatter=scatter is not None,
   )
-  token_tiles = tb.cdiv(n, tiles.tokens)
-  if tiles.token_programs:
-    if tiles.depth != block:
-      raise ValueError(f"G-stationary rotation tiles need depth == block ({block}), got {tiles}.")
-    token_axis = min(tiles.token_programs, token_tiles)
-    tiles = dataclasses.replace(tiles, token_programs=token_axis)
-    kernel = functools.partial(_stationary_kernel, token_tiles=token_tiles, **{**common, "tiles": tiles})
-  else:
-    kernel = functools.partial(_kernel, **common)
-    token_axis = token_tiles
   perms = [p.astype(jnp.int32) for p in (gather, scatter) if p is not None]
   call = tb.pallas_call(
       kernel,
-      grid=(num_blocks, block // tiles.rows, token_axis),
+      grid=(num_blocks, block // tiles.rows, tb.cdiv(n, tiles.tokens)),
       out_shape=jax.ShapeDtypeStruct(a_DxN.shape, a_DxN.dtype),
       name="poetx_block_rotate",
       interpret=interpret,

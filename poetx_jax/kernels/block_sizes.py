@@ -25,10 +25,6 @@ class RotationTiles:
   depth: int  # reduction chunk over the block's B inputs
   num_warps: int
   num_stages: int = 2  # software-pipelined loads of the reduction loop
-  # 0: one program per token tile, streaming `G` through the reduction loop. Otherwise
-  # `G`-stationary (needs `depth == B`): this many programs per row tile of a block,
-  # each loading its `rows x B` slice of `G_r` once and looping over token tiles.
-  token_programs: int = 0
 
 
 def rotation_tiles(block_size: int, tokens: int) -> RotationTiles:
