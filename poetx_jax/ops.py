@@ -76,13 +76,16 @@ def _with_inverses(perms):
   return perm_in_inv, permutation.invert(perm_in_inv), perm_out, permutation.invert(perm_out)
 
 
-def _cayley_settings(x_dtype):
+def _cayley_settings(x_dtype, precision):
   """DEFAULT precision (TF32 on GPUs) only rounds the `Q²` terms of `G`; merges use
-  HIGHEST. With bfloat16 activations the Pallas kernels also read bfloat16 operands
-  and write `G` in bfloat16 (see `kernels/cayley_neumann.py`): the rotations round
-  `G` to the activations' dtype anyway."""
+  HIGHEST, and so does the layer when its caller asks for HIGHEST (then float32
+  activations give the reference's numbers on a GPU too). With bfloat16 activations
+  the Pallas kernels also read bfloat16 operands and write `G` in bfloat16 (see
+  `kernels/cayley_neumann.py`): the rotations round `G` to the activations' dtype anyway."""
   operand_dtype = jnp.bfloat16 if x_dtype == jnp.bfloat16 else jnp.float32
-  return dict(precision=jax.lax.Precision.DEFAULT, operand_dtype=operand_dtype)
+  # Precision only means something for float32 operands (bfloat16 ones multiply exactly).
+  highest = operand_dtype == jnp.float32 and (precision == jax.lax.Precision.HIGHEST or precision == "highest")
+  return dict(precision=jax.lax.Precision.HIGHEST if highest else jax.lax.Precision.DEFAULT, operand_dtype=operand_dtype)
 
 
 def _poet_layer_fwd(backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, x, k_IxO, qs, perms):
@@ -93,7 +96,7 @@ def _poet_layer_fwd(backend, keep_hidden, keep_cayley_state, precision, block_si
   # Optionally keeps what the Cayley backward would recompute (`Q`, `Q2`, `Q2 − 2Q`:
   # 3·B² operand-dtype values per block).
   g_RxBxB, cayley_state = backend.cayley_forward(
-      q_RxE, block_size, neumann_terms, out_dtype=x_NI.dtype, keep_state=keep_cayley_state, **_cayley_settings(x_NI.dtype)
+      q_RxE, block_size, neumann_terms, out_dtype=x_NI.dtype, keep_state=keep_cayley_state, **_cayley_settings(x_NI.dtype, precision)
   )
   x_IxN = x_NI.T  # feature-major inside the layer: permutations move whole rows
   h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
@@ -114,7 +117,7 @@ def _poet_layer_bwd(backend, keep_hidden, keep_cayley_state, precision, block_si
   if h_OxN is None:  # mem: recompute the hidden state, one extra large GEMM
     h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
   dy_OxN = dy.reshape(-1, dy.shape[-1]).T
-  settings = _cayley_settings(x_IxN.dtype)
+  settings = _cayley_settings(x_IxN.dtype, precision)
   # The Cayley backward multiplies dG in its operand dtype: with bfloat16 operands the
   # outer sums also write that rounded copy (no separate cast of the cotangent).
   operand_dtype = jnp.dtype(settings["operand_dtype"])
@@ -191,7 +194,9 @@ def poet_linear(
       (Pallas only; see the module docstring and `POETConfig.keep_cayley_state`).
     implementation: "xla", "pallas" or None (chosen by measurement); see `backends.resolve`.
     interpret: run Pallas kernels in the interpreter.
-    precision: `jax.lax.Precision` of the two large GEMMs.
+    precision: `jax.lax.Precision` of the two large GEMMs; HIGHEST also makes the
+      Cayley–Neumann map multiply in IEEE float32 (by default it uses DEFAULT, TF32
+      on GPUs, which rounds only its `Q²` terms).
     batch_axes: when traced under `jit` with a mesh set (`jax.set_mesh`, or
       `jax.sharding.use_abstract_mesh` as the trainer does), the mesh axes that split
       the token rows; the Pallas kernels then run on each device's rows (`shard_map`).

@@ -10,6 +10,12 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# Tests of partitioning run on the 8 fake CPU devices above. On a GPU host the default
+# backend has its own device count (one H100 here), so they skip there, saying why.
+needs_8_devices = pytest.mark.skipif(
+    len(jax.devices()) < 8, reason=f"needs 8 devices of the default backend, {jax.default_backend()} has {len(jax.devices())}"
+)
+
 
 @pytest.fixture
 def rng():

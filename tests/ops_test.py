@@ -7,6 +7,10 @@ from conftest import relative_error
 
 from poetx_jax import cayley, ops, permutation, skew
 
+# Exact comparisons ask for IEEE float32 throughout: on a GPU the layer's default
+# precision (TF32) would round the Cayley map's Q² terms and the GEMMs.
+HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def _layer(rng, d_in, d_out, block, q_scale=0.1, dtype=jnp.float32):
   e = skew.packed_size(block)
@@ -33,7 +37,7 @@ def test_zero_generators_equal_unpermuted_base_kernel(rng):
   perm_in = permutation.invert(layer["perm_in_inv_I"])
   unpermuted = k_s[perm_in][:, layer["perm_out_O"]]  # K_eff[r, c] = K_s[perm_in[r], perm_out[c]]
   for variant in ops.VARIANTS:
-    y = ops.poet_linear(x, **layer, block_size=8, variant=variant, implementation="xla")
+    y = ops.poet_linear(x, **layer, block_size=8, variant=variant, implementation="xla", precision=HIGHEST)
     assert relative_error(y, x @ unpermuted) < 1e-6
 
 
@@ -47,7 +51,9 @@ def test_matches_dense_formulation_forward_and_backward(rng, variant, k):
 
   def poet(x, q_in, q_out):
     args = dict(layer, q_in_RxE=q_in, q_out_RxE=q_out)
-    return ops.poet_linear(x, **args, block_size=block, neumann_terms=k, variant=variant, implementation="xla")
+    return ops.poet_linear(
+        x, **args, block_size=block, neumann_terms=k, variant=variant, implementation="xla", precision=HIGHEST
+    )
 
   def dense(x, q_in, q_out):
     return _dense_from_effective(x, dict(layer, q_in_RxE=q_in, q_out_RxE=q_out), block, k)
@@ -74,8 +80,9 @@ def test_fast_and_mem_agree_and_match_autodiff_reference(rng):
     y, vjp = jax.vjp(f, x, layer["q_in_RxE"], layer["q_out_RxE"])
     return (y,) + vjp(dy)
 
-  fast = run(lambda x, l: ops.poet_linear(x, **l, block_size=block, variant="fast", implementation="xla"))
-  mem = run(lambda x, l: ops.poet_linear(x, **l, block_size=block, variant="mem", implementation="xla"))
+  settings = dict(block_size=block, implementation="xla", precision=HIGHEST)
+  fast = run(lambda x, l: ops.poet_linear(x, **l, variant="fast", **settings))
+  mem = run(lambda x, l: ops.poet_linear(x, **l, variant="mem", **settings))
   ref = run(lambda x, l: ops.poet_linear_reference(x, **l, block_size=block))
   for a, b, c in zip(fast, mem, ref):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -1,8 +1,11 @@
 """The scaling benchmark's step on 1–8 fake CPU devices: it runs, and merges keep replicas identical."""
 
+from conftest import needs_8_devices
+
 from benchmarks import scaling
 
 
+@needs_8_devices
 def test_scaling_runs_and_replicas_merge_identically(tmp_path):
   records = scaling.main([
       "--model", "tiny", "--methods", "poetx", "--gpus", "1,8", "--per_device_batch", "2", "--seq_len", "32",
@@ -14,6 +17,7 @@ def test_scaling_runs_and_replicas_merge_identically(tmp_path):
   assert records[0]["efficiency"] == 1.0 and records[1]["tokens_per_sec_per_gpu"] > 0
 
 
+@needs_8_devices
 def test_replica_check_detects_a_difference():
   import jax
   import jax.numpy as jnp

@@ -10,10 +10,12 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import relative_error
+from conftest import needs_8_devices, relative_error
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from poetx_jax import ops, skew
+
+pytestmark = needs_8_devices
 
 BLOCK, D_IN, D_OUT = 16, 32, 48
 

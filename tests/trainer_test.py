@@ -7,6 +7,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import needs_8_devices
 
 from configs import base
 from poetx_jax import data, sharding, train_config, trainer
@@ -84,6 +85,7 @@ def test_eval_from_checkpoint_equals_eval_in_training(cache_dir, tmp_path):
   assert _records(tmp_path, "eval_restored")[-1]["val_ppl"] == pytest.approx(during["val_ppl"], rel=1e-6)
 
 
+@needs_8_devices
 def test_state_shardings_on_a_2x4_mesh(cache_dir):
   config = _config(cache_dir, mesh__data=2, mesh__fsdp=4)
   run = trainer.build(config)

@@ -50,10 +50,17 @@ def _kernel(*refs, block, block_offset, tokens_total, tiles, transpose, gather, 
   tokens = token_tile * tiles.tokens + jnp.arange(tiles.tokens)
   token_mask = (tokens < tokens_total)[None, :]
 
+  steps = block // tiles.depth
+  if gather and tiles.preload_gather:
+    step_rows = jnp.arange(steps)[:, None]
+    sources = tb.load(gather_ref.at[r * block + step_rows * tiles.depth + jnp.arange(tiles.depth)[None, :]])
+
   def step(k, acc):
     inner = k * tiles.depth + jnp.arange(tiles.depth)  # input rows within the block
     source = r * block + inner
-    if gather:
+    if gather and tiles.preload_gather:
+      source = jnp.sum(jnp.where(step_rows == k, sources, 0), axis=0)
+    elif gather:
       source = tb.load(gather_ref.at[source])
     a = tb.load(a_ref.at[source[:, None], tokens[None, :]], mask=token_mask, other=0)
     if transpose:  # M_r = G_r: M[c, b] = G[r, c, b]
@@ -62,7 +69,7 @@ def _kernel(*refs, block, block_offset, tokens_total, tiles, transpose, gather, 
       m = tb.load(g_ref.at[g_r, inner[:, None], rows[None, :]]).T
     return acc + tb.dot(m, a)
 
-  acc = jax.lax.fori_loop(0, block // tiles.depth, step, jnp.zeros((tiles.rows, tiles.tokens), jnp.float32))
+  acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((tiles.rows, tiles.tokens), jnp.float32))
   dest = r * block + rows
   if scatter:
     dest = tb.load(scatter_ref.at[dest])

@@ -25,6 +25,9 @@ class RotationTiles:
   depth: int  # reduction chunk over the block's B inputs
   num_warps: int
   num_stages: int = 2  # software-pipelined loads of the reduction loop
+  # Load the block's whole gather before the reduction loop (as a `steps x depth`
+  # tile, one row picked per step) rather than each step's indices inside it.
+  preload_gather: bool = False
 
 
 def rotation_tiles(block_size: int, tokens: int) -> RotationTiles:
