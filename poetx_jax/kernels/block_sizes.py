@@ -25,9 +25,6 @@ class RotationTiles:
   depth: int  # reduction chunk over the block's B inputs
   num_warps: int
   num_stages: int = 2  # software-pipelined loads of the reduction loop
-  # Load the block's whole gather before the reduction loop (as a `steps x depth`
-  # tile, one row picked per step) rather than each step's indices inside it.
-  preload_gather: bool = False
 
 
 def rotation_tiles(block_size: int, tokens: int) -> RotationTiles:
@@ -41,6 +38,10 @@ def rotation_tiles(block_size: int, tokens: int) -> RotationTiles:
   inputs use fewer tokens per program. A third pipeline stage, timed as device time
   (raw/run11_rotation_sweep.txt): scatter form 57.9 against 63.2 µs at b = 256, and
   102 / 86 against 111 / 99 µs (gather / scatter) at b = 512; a fourth stage lost.
+
+  Not better: a G-stationary kernel (each program loads its `rows x B` slice of `G_r`
+  once and walks several token tiles) ran 69–92 µs against 56.6 / 65.5 µs at D = 14336,
+  b = 256, and its b = 512 tiles did not fit in shared memory (raw/run39_stationary_sweep.txt).
   """
   token_tile = min(128, max(16, _next_pow2(tokens)))
   return RotationTiles(rows=min(block_size, 128), tokens=token_tile, depth=min(64, block_size), num_warps=8, num_stages=3)
