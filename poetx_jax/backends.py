@@ -35,33 +35,27 @@ class Backend:
   """
 
   name: str
-  # (qs, block_size, neumann_terms, precision, operand_dtype, out_dtype, keep_state)
-  #   -> (G (R, B, B) in out_dtype, state): qs, a tuple of (R_i, E) generator pieces
-  #   (a layer's two sides) whose blocks follow one another in G; state, arrays or
-  #   None, saves the backward work
+  # (q_RxE, block_size, neumann_terms, precision, operand_dtype, out_dtype, keep_state)
+  #   -> (G (R, B, B) in out_dtype, state): state, arrays or None, saves the backward work
   cayley_forward: Callable[..., tuple]
-  # (qs, dG_RxBxB float32, block_size, neumann_terms, precision, operand_dtype, state, dg_operand)
-  #   -> a tuple of float32 dq pieces shaped like qs; dg_operand: dG already in operand_dtype, or None
-  cayley_backward: Callable[..., tuple]
+  # (q_RxE, dG_RxBxB float32, block_size, neumann_terms, precision, operand_dtype, state, dg_operand)
+  #   -> dq (R, E) float32; dg_operand: dG already in operand_dtype, or None
+  cayley_backward: Callable[..., jax.Array]
   gather_rotate: Callable[..., jax.Array]  # rotation.gather_rotate
   rotate_gather: Callable[..., jax.Array]  # rotation.rotate_gather
   block_outer_sum_into: Callable[..., jax.Array]  # rotation.block_outer_sum_into
 
 
-def _joined(qs):
-  return jnp.concatenate([q.astype(jnp.float32) for q in qs], axis=0)
-
-
-def xla_cayley_forward(qs, block_size, neumann_terms, precision, operand_dtype, out_dtype, keep_state=False):
+def xla_cayley_forward(q_RxE, block_size, neumann_terms, precision, operand_dtype, out_dtype, keep_state=False):
   """The XLA map ignores `operand_dtype`: it is the reference and multiplies in float32.
   It keeps no state: its backward is autodiff's, which recomputes what it needs."""
   del operand_dtype, keep_state
-  return cayley.cayley_neumann(_joined(qs), block_size, neumann_terms, precision).astype(out_dtype), None
+  return cayley.cayley_neumann(q_RxE, block_size, neumann_terms, precision).astype(out_dtype), None
 
 
-def xla_cayley_backward(qs, dg_RxBxB, block_size, neumann_terms, precision, operand_dtype, state=None, dg_operand=None):
+def xla_cayley_backward(q_RxE, dg_RxBxB, block_size, neumann_terms, precision, operand_dtype, state=None, dg_operand=None):
   del operand_dtype, state, dg_operand
-  _, vjp = jax.vjp(lambda qs: cayley.cayley_neumann(_joined(qs), block_size, neumann_terms, precision), tuple(qs))
+  _, vjp = jax.vjp(lambda q: cayley.cayley_neumann(q, block_size, neumann_terms, precision), q_RxE)
   return vjp(dg_RxBxB.astype(jnp.float32))[0]
 
 

@@ -49,8 +49,7 @@ def _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision):
 # one Cayley–Neumann call serves both sides (the input side alone, 16 blocks at 4096
 # wide with b = 256, fills only half of an H100's multiprocessors), and the backward
 # writes both sides' cotangents into one buffer, so no slice, padding or sum is
-# copied between the kernels. The Pallas kernels read the two sides' generators where
-# they are (a concatenated copy cost 7.8 µs of 1.1 ms at 4096x14336, b = 256).
+# copied between the kernels.
 _STATIC = ("backend", "keep_hidden", "keep_cayley_state", "precision", "block_size", "neumann_terms")
 
 
@@ -60,6 +59,15 @@ def _poet_layer(backend, keep_hidden, keep_cayley_state, precision, block_size, 
   return _poet_layer_fwd(
       backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, x_NI, k_IxO, qs, perms
   )[0]
+
+
+def _joined(qs):
+  """Both sides' generators as one float32 `(R_in + R_out, E)` array, input side first.
+
+  Built again in the backward rather than saved: the layer's own arguments are saved
+  by reference, a new array would be stacked per layer under `nn.scan`.
+  """
+  return jnp.concatenate([q.astype(jnp.float32) for q in qs], axis=0)
 
 
 def _with_inverses(perms):
@@ -83,12 +91,12 @@ def _cayley_settings(x_dtype, precision):
 def _poet_layer_fwd(backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, x, k_IxO, qs, perms):
   """`x`: `(..., I)`, flattened to token rows here rather than by the caller (see the residuals)."""
   x_NI = x.reshape(-1, x.shape[-1])
+  q_RxE = _joined(qs)
   perm_in_inv, _, perm_out, perm_out_inv = _with_inverses(perms)
   # Optionally keeps what the Cayley backward would recompute (`Q`, `Q2`, `Q2 − 2Q`:
   # 3·B² operand-dtype values per block).
-  settings = _cayley_settings(x_NI.dtype, precision)
   g_RxBxB, cayley_state = backend.cayley_forward(
-      qs, block_size, neumann_terms, out_dtype=x_NI.dtype, keep_state=keep_cayley_state, **settings
+      q_RxE, block_size, neumann_terms, out_dtype=x_NI.dtype, keep_state=keep_cayley_state, **_cayley_settings(x_NI.dtype, precision)
   )
   x_IxN = x_NI.T  # feature-major inside the layer: permutations move whole rows
   h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
@@ -123,8 +131,10 @@ def _poet_layer_bwd(backend, keep_hidden, keep_cayley_state, precision, block_si
   # dG_in[j] = Σ xp_jᵀ dxr_j with xp = x[..., perm_in_inv]; dx = (dxr · BD(G_in)ᵀ)[..., perm_in].
   dg_RxBxB, copy = _outer_sums(backend, dg_RxBxB, copy, x_IxN, perm_in_inv, dxr_IxN, None, 0)
   dx_IxN = backend.rotate_gather(dxr_IxN, g_RxBxB, perm_in, perm_in_inv, transpose=True)
-  dqs = backend.cayley_backward(qs, dg_RxBxB, block_size, neumann_terms, state=cayley_state, dg_operand=copy, **settings)
-  dqs = tuple(dq.astype(q.dtype) for dq, q in zip(dqs, qs))
+  dq_RxE = backend.cayley_backward(
+      _joined(qs), dg_RxBxB, block_size, neumann_terms, state=cayley_state, dg_operand=copy, **settings
+  )
+  dqs = (dq_RxE[:blocks_in].astype(qs[0].dtype), dq_RxE[blocks_in:].astype(qs[1].dtype))
   return dx_IxN.T.reshape(x.shape), None, dqs, None
 
 

@@ -204,24 +204,6 @@ class CayleyNeumannBase(KernelCase):
     with pytest.raises(ValueError, match="dg_operand"):
       cayley_kernel.cayley_neumann_backward(q, dg, block, dg_operand=dg, **kw)
 
-  @pytest.mark.parametrize("keep_state", [False, True])
-  def test_pieces_are_read_in_place_and_equal_their_concatenation(self, rng, keep_state):
-    """A layer passes its two sides as they are: the same G and dq as one concatenated array."""
-    block, rows = 32, (1, 3, 2)
-    pieces = tuple(
-        jnp.asarray(0.1 * rng.standard_normal((r, skew.packed_size(block))), jnp.float32) for r in rows
-    )
-    kw = dict(operand_dtype=jnp.bfloat16, interpret=self.interpret)
-    joined = jnp.concatenate(pieces)
-    g_joined, vjp = jax.vjp(lambda v: cayley_kernel.cayley_neumann(v, block, **kw), joined)
-    out = cayley_kernel.cayley_neumann_forward(pieces, block, keep_state=keep_state, **kw)
-    g, state = out if keep_state else (out, None)
-    np.testing.assert_array_equal(g, g_joined)
-    dg = jnp.asarray(rng.standard_normal(g.shape), jnp.float32)
-    dqs = cayley_kernel.cayley_neumann_backward(pieces, dg, block, state=state, **kw)
-    assert isinstance(dqs, tuple) and [d.shape for d in dqs] == [p.shape for p in pieces]
-    np.testing.assert_array_equal(jnp.concatenate(dqs), vjp(dg)[0])
-
   def test_zero_is_identity(self):
     out = cayley_kernel.cayley_neumann(jnp.zeros((2, skew.packed_size(32))), 32, interpret=self.interpret)
     np.testing.assert_array_equal(out, jnp.broadcast_to(jnp.eye(32), (2, 32, 32)))

@@ -13,25 +13,25 @@ from poetx_jax.kernels import block_outer_sum, block_rotation
 from poetx_jax.kernels import cayley_neumann as cayley_kernel
 
 
-def _cayley_forward(qs, block_size, neumann_terms, precision, operand_dtype, out_dtype, keep_state=False, *, interpret):
+def _cayley_forward(q_RxE, block_size, neumann_terms, precision, operand_dtype, out_dtype, keep_state=False, *, interpret):
   if neumann_terms != 3:
     # Only POET-X's k = 3 has a fused kernel (`backends.resolve` already refused block
     # sizes the kernels do not cover).
-    return backends.xla_cayley_forward(qs, block_size, neumann_terms, precision, operand_dtype, out_dtype)
+    return backends.xla_cayley_forward(q_RxE, block_size, neumann_terms, precision, operand_dtype, out_dtype)
   out = cayley_kernel.cayley_neumann_forward(
-      tuple(qs), block_size, operand_dtype=operand_dtype, out_dtype=out_dtype, precision=precision, interpret=interpret,
+      q_RxE, block_size, operand_dtype=operand_dtype, out_dtype=out_dtype, precision=precision, interpret=interpret,
       keep_state=keep_state,
   )
   return out if keep_state else (out, None)
 
 
 def _cayley_backward(
-    qs, dg_RxBxB, block_size, neumann_terms, precision, operand_dtype, state=None, dg_operand=None, *, interpret
+    q_RxE, dg_RxBxB, block_size, neumann_terms, precision, operand_dtype, state=None, dg_operand=None, *, interpret
 ):
   if neumann_terms != 3:
-    return backends.xla_cayley_backward(qs, dg_RxBxB, block_size, neumann_terms, precision, operand_dtype)
+    return backends.xla_cayley_backward(q_RxE, dg_RxBxB, block_size, neumann_terms, precision, operand_dtype)
   return cayley_kernel.cayley_neumann_backward(
-      tuple(qs), dg_RxBxB, block_size, operand_dtype=operand_dtype, precision=precision, interpret=interpret, state=state,
+      q_RxE, dg_RxBxB, block_size, operand_dtype=operand_dtype, precision=precision, interpret=interpret, state=state,
       dg_operand=dg_operand,
   )
 

@@ -52,32 +52,18 @@ def _slot(i, j, block):
   return lo * block - (lo * (lo + 1)) // 2 + (hi - lo - 1)
 
 
-def _skew_tile(q_refs, pieces, r, i, j, block):
+def _skew_tile(q_ref, r, i, j, block):
   """`Q_r[i, j]` for a tile (`i` a column of row indices, `j` a row of column indices).
 
   Above the diagonal the packed slots run along `j`; below it (`Q[i, j] = −q[slot(j, i)]`)
   they run along `i`, so that half is loaded as the tile's transpose: both loads
   read contiguous runs, and off the diagonal one of them is fully masked.
-
-  `q_refs` hold consecutive row ranges of the generators (`pieces`: their static
-  `(first row, rows)`): one layer passes its two sides as they are, and only the
-  piece holding block `r` is read (the other loads are masked off), so the two are
-  never concatenated into a copy.
   """
   upper = i < j
+  above = tb.load(q_ref.at[r, jnp.where(upper, _slot(i, j, block), 0)], mask=upper, other=0.0)
   i_t, j_t = i.T, j.T  # a row of row indices, a column of column indices
   lower_t = j_t < i_t
-  above, below_t = 0.0, 0.0
-  for q_ref, (first, rows) in zip(q_refs, pieces):
-    row, here = r, True
-    if len(pieces) > 1:
-      row, here = jnp.clip(r - first, 0, rows - 1), (r >= first) & (r < first + rows)
-    above = above + tb.load(
-        q_ref.at[row, jnp.where(upper, _slot(i, j, block), 0)], mask=upper & here, other=0.0
-    )
-    below_t = below_t + tb.load(
-        q_ref.at[row, jnp.where(lower_t, _slot(j_t, i_t, block), 0)], mask=lower_t & here, other=0.0
-    )
+  below_t = tb.load(q_ref.at[r, jnp.where(lower_t, _slot(j_t, i_t, block), 0)], mask=lower_t, other=0.0)
   return above - below_t.T
 
 
@@ -87,11 +73,10 @@ def _tile_indices(tiles):
   return rows[:, None], cols[None, :]
 
 
-def _skew_kernel(*refs, block, tiles, pieces):
-  *q_refs, o_ref = refs
+def _skew_kernel(q_ref, o_ref, *, block, tiles):
   r = tb.program_id(2)
   i, j = _tile_indices(tiles)
-  tb.store(o_ref.at[r, i, j], _skew_tile(q_refs, pieces, r, i, j, block).astype(o_ref.dtype))
+  tb.store(o_ref.at[r, i, j], _skew_tile(q_ref, r, i, j, block).astype(o_ref.dtype))
 
 
 def _f32(ref_at):
@@ -124,9 +109,8 @@ def _square_kernel(q_ref, q2_ref, *poly_refs, block, tiles, precision, signs):
     tb.store(poly_ref.at[r, i, j], (q2 + (2.0 * sign) * q).astype(poly_ref.dtype))
 
 
-def _neumann_kernel(*refs, block, tiles, precision, pieces):
+def _neumann_kernel(packed_ref, q2_ref, p_ref, o_ref, *, block, tiles, precision):
   """`G = Q2·P + 2(Q + Q2) + I` with `P = Q2 + 2Q`."""
-  *packed_refs, q2_ref, p_ref, o_ref = refs
   r = tb.program_id(2)
   i, j = _tile_indices(tiles)
 
@@ -136,7 +120,7 @@ def _neumann_kernel(*refs, block, tiles, precision, pieces):
 
   acc = _reduce(tiles, block, step)
   # 2Q from the packed float32 vector: bfloat16 operands round only the Q² terms.
-  exact_q = _skew_tile(packed_refs, pieces, r, i, j, block)
+  exact_q = _skew_tile(packed_ref, r, i, j, block)
   g = acc + 2.0 * (exact_q + _f32(q2_ref.at[r, i, j])) + jnp.where(i == j, 1.0, 0.0)
   tb.store(o_ref.at[r, i, j], g.astype(o_ref.dtype))
 
@@ -210,54 +194,42 @@ def _square_blocks(fn, name, num_blocks, block, tiles, interpret, out_dtypes, *a
   return result[0] if len(result) == 1 else result
 
 
-def _pieces(qs):
-  """`(first row, rows)` of each generator piece: static layout for the kernels."""
-  firsts = np.cumsum([0] + [q.shape[0] for q in qs])
-  return tuple((int(f), int(q.shape[0])) for f, q in zip(firsts, qs))
-
-
-def _skew_and_square(qs, block, operand_dtype, precision, interpret, tiles, signs):
+def _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, signs):
   """`Q`, `Q2` and `Q2 + s·2Q` for each `s` in `signs`, all `(R, B, B)` in `operand_dtype`."""
-  r = sum(q.shape[0] for q in qs)
-  skew_kernel = functools.partial(_skew_kernel, pieces=_pieces(qs))
-  q = _square_blocks(skew_kernel, "poetx_cayley_skew", r, block, tiles, interpret, (operand_dtype,), *qs)
+  r = q_RxE.shape[0]
+  q = _square_blocks(_skew_kernel, "poetx_cayley_skew", r, block, tiles, interpret, (operand_dtype,), q_RxE)
   square = functools.partial(_square_kernel, precision=precision, signs=signs)
   outs = _square_blocks(square, "poetx_cayley_square", r, block, tiles, interpret, (operand_dtype,) * (1 + len(signs)), q)
   return (q,) + tuple(outs)
 
 
-def _forward(qs, block, operand_dtype, precision, interpret, tiles=None, out_dtype=jnp.float32, keep_state=False):
-  """`G`, or `(G, (Q, Q2, M))` with `keep_state`: what the backward would otherwise recompute.
-
-  `qs`: a tuple of generator pieces, whose blocks follow one another in `G`.
-  """
-  r = sum(q.shape[0] for q in qs)
-  tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype, r)
+def _forward(q_RxE, block, operand_dtype, precision, interpret, tiles=None, out_dtype=jnp.float32, keep_state=False):
+  """`G`, or `(G, (Q, Q2, M))` with `keep_state`: what the backward would otherwise recompute."""
+  tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype, q_RxE.shape[0])
   signs = (1, -1) if keep_state else (1,)
-  q, q2, p, *m = _skew_and_square(qs, block, operand_dtype, precision, interpret, tiles, signs)
-  neumann = functools.partial(_neumann_kernel, precision=precision, pieces=_pieces(qs))
-  g = _square_blocks(neumann, "poetx_cayley_neumann", r, block, tiles, interpret, (out_dtype,), *qs, q2, p)
+  q, q2, p, *m = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, signs)
+  neumann = functools.partial(_neumann_kernel, precision=precision)
+  g = _square_blocks(
+      neumann, "poetx_cayley_neumann", q_RxE.shape[0], block, tiles, interpret, (out_dtype,), q_RxE, q2, p
+  )
   return (g, (q, q2, m[0])) if keep_state else g
 
 
-def _pack(dq_RxBxB, block, interpret, pieces):
-  """The packed gradient of each piece (slices of one buffer: XLA fuses them into their consumers)."""
+def _pack(dq_RxBxB, block, interpret):
   tiles = block_sizes.cayley_pack_tiles(block)
   side = block // tiles.side
   pair_rows, pair_cols = (jnp.asarray(a, jnp.int32) for a in np.triu_indices(side))
   kernel = functools.partial(_pack_kernel, block=block, tiles=tiles)
   out = jax.ShapeDtypeStruct((dq_RxBxB.shape[0], skew.packed_size(block) + 1), jnp.float32)
   grid = (pair_rows.shape[0], dq_RxBxB.shape[0])
-  packed = _call(kernel, out, grid, tiles, "poetx_cayley_pack", interpret, pair_rows, pair_cols, dq_RxBxB)
-  return tuple(packed[first : first + rows, :-1] for first, rows in pieces)
+  return _call(kernel, out, grid, tiles, "poetx_cayley_pack", interpret, pair_rows, pair_cols, dq_RxBxB)[:, :-1]
 
 
-def _backward(qs, dg_RxBxB, block, operand_dtype, precision, interpret, tiles=None, state=None, dg_operand=None):
-  """`dq` for each generator piece of `qs`."""
-  r = sum(q.shape[0] for q in qs)
-  tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype, r)
+def _backward(q_RxE, dg_RxBxB, block, operand_dtype, precision, interpret, tiles=None, state=None, dg_operand=None):
+  tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype, q_RxE.shape[0])
+  r = q_RxE.shape[0]
   if state is None:
-    state = _skew_and_square(qs, block, operand_dtype, precision, interpret, tiles, (-1,))
+    state = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, (-1,))
   q, q2, m = state
   if dg_operand is None:
     dg_operand = dg_RxBxB.astype(operand_dtype)
@@ -267,48 +239,34 @@ def _backward(qs, dg_RxBxB, block, operand_dtype, precision, interpret, tiles=No
   )
   dense = functools.partial(_dense_dq_kernel, precision=precision)
   dq_RxBxB = _square_blocks(dense, "poetx_cayley_dq", r, block, tiles, interpret, (jnp.float32,), l, q2, m, g2, dg_RxBxB)
-  return _pack(dq_RxBxB, block, interpret, _pieces(qs))
+  return _pack(dq_RxBxB, block, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _cayley(q_RxE, block, operand_dtype, precision, interpret):
-  return _forward((q_RxE,), block, operand_dtype, precision, interpret)
+  return _forward(q_RxE, block, operand_dtype, precision, interpret)
 
 
 def _cayley_fwd(q_RxE, block, operand_dtype, precision, interpret):
-  return _forward((q_RxE,), block, operand_dtype, precision, interpret), q_RxE
+  return _forward(q_RxE, block, operand_dtype, precision, interpret), q_RxE
 
 
 def _cayley_bwd(block, operand_dtype, precision, interpret, q_RxE, dg_RxBxB):
-  return _backward((q_RxE,), dg_RxBxB.astype(jnp.float32), block, operand_dtype, precision, interpret)
+  return (_backward(q_RxE, dg_RxBxB.astype(jnp.float32), block, operand_dtype, precision, interpret),)
 
 
 _cayley.defvjp(_cayley_fwd, _cayley_bwd)
 
 
-def _checked_dtype(operand_dtype):
+def _checked(q_RxE, block_size, operand_dtype):
+  if not block_sizes.covers(block_size):
+    raise ValueError(f"the Pallas Cayley–Neumann kernel needs a power-of-two block size >= 16, got {block_size}.")
+  if q_RxE.ndim != 2 or q_RxE.shape[-1] != skew.packed_size(block_size):
+    raise ValueError(f"q must be (R, {skew.packed_size(block_size)}) for block size {block_size}, got {q_RxE.shape}.")
   operand_dtype = jnp.dtype(operand_dtype)
   if operand_dtype not in OPERAND_DTYPES:
     raise ValueError(f"operand_dtype must be float32 or bfloat16, got {operand_dtype}.")
-  return operand_dtype
-
-
-def _checked_pieces(q, block_size):
-  """`q` (one `(R, E)` array, or a sequence of them) as a tuple of float32 pieces."""
-  if not block_sizes.covers(block_size):
-    raise ValueError(f"the Pallas Cayley–Neumann kernel needs a power-of-two block size >= 16, got {block_size}.")
-  pieces = tuple(q) if isinstance(q, (tuple, list)) else (q,)
-  for piece in pieces:
-    if piece.ndim != 2 or piece.shape[-1] != skew.packed_size(block_size):
-      raise ValueError(
-          f"q must be (R, {skew.packed_size(block_size)}) for block size {block_size}, got {piece.shape}."
-      )
-  return tuple(piece.astype(jnp.float32) for piece in pieces)
-
-
-def _checked(q_RxE, block_size, operand_dtype):
-  (q_RxE,) = _checked_pieces(q_RxE, block_size)
-  return q_RxE, _checked_dtype(operand_dtype)
+  return q_RxE.astype(jnp.float32), operand_dtype
 
 
 def cayley_neumann(q_RxE, block_size: int, *, operand_dtype=jnp.float32, precision=None, interpret: bool = False):
@@ -343,14 +301,11 @@ def cayley_neumann_forward(
   kernel (no float32 copy to cast), and pairs this with `cayley_neumann_backward`,
   which takes the float32 `dG` its own backward produces. With `keep_state` it also
   returns `(Q, Q2, Q2 − 2Q)` (three `(R, B, B)` arrays in `operand_dtype`) for the
-  backward, which then skips two of its kernels. `q_RxE` may also be a sequence of
-  `(R_i, E)` pieces (a layer's two sides): their blocks follow one another in `G`,
-  and they are read where they are, never concatenated. Other arguments as for
-  `cayley_neumann`.
+  backward, which then skips two of its kernels. Other arguments as for `cayley_neumann`.
   """
-  pieces, operand_dtype = _checked_pieces(q_RxE, block_size), _checked_dtype(operand_dtype)
+  q_RxE, operand_dtype = _checked(q_RxE, block_size, operand_dtype)
   return _forward(
-      pieces, block_size, operand_dtype, precision, interpret, out_dtype=jnp.dtype(out_dtype), keep_state=keep_state
+      q_RxE, block_size, operand_dtype, precision, interpret, out_dtype=jnp.dtype(out_dtype), keep_state=keep_state
   )
 
 
@@ -360,17 +315,14 @@ def cayley_neumann_backward(
 ):
   """`dq` (float32 `(R, E)`) for a float32 cotangent `dG` of `cayley_neumann(q)`: the backward kernels alone.
 
-  `q_RxE`: as given to `cayley_neumann_forward`; for a sequence of pieces, `dq` is a
-  tuple of the pieces' gradients.
   `state`: what `cayley_neumann_forward(..., keep_state=True)` returned, or None to recompute it.
   `dg_operand`: `dG` already rounded to `operand_dtype` (the layer's outer sums write
   one), or None to cast it here.
   """
-  pieces, operand_dtype = _checked_pieces(q_RxE, block_size), _checked_dtype(operand_dtype)
+  q_RxE, operand_dtype = _checked(q_RxE, block_size, operand_dtype)
   if dg_operand is not None and (dg_operand.dtype != operand_dtype or dg_operand.shape != dg_RxBxB.shape):
     raise ValueError(f"dg_operand must be {operand_dtype} {dg_RxBxB.shape}, got {dg_operand.dtype} {dg_operand.shape}.")
-  dqs = _backward(
-      pieces, dg_RxBxB.astype(jnp.float32), block_size, operand_dtype, precision, interpret, state=state,
+  return _backward(
+      q_RxE, dg_RxBxB.astype(jnp.float32), block_size, operand_dtype, precision, interpret, state=state,
       dg_operand=dg_operand,
   )
-  return dqs if isinstance(q_RxE, (tuple, list)) else dqs[0]
