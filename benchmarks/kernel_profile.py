@@ -21,9 +21,6 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks import layer as layer_bench
-
-KNOWN = {"dense": None, **layer_bench.KNOWN_IMPLS}
 
 
 def device_kernels(trace_path: str) -> list[tuple[str, float]]:
@@ -70,6 +67,11 @@ def device_us(fn, input_sets, calls: int = 12) -> float:
 
 
 def main(argv=None):
+  # Imported here: `benchmarks.layer` imports this module for `device_us`, and run as
+  # `python -m benchmarks.kernel_profile` a top-level import would be circular.
+  from benchmarks import layer as layer_bench  # pylint: disable=g-import-not-at-top
+
+  known = {"dense": None, **layer_bench.KNOWN_IMPLS}
   parser = argparse.ArgumentParser()
   parser.add_argument("--shapes", default="4096x14336")
   parser.add_argument("--block", type=int, default=256)
@@ -83,10 +85,10 @@ def main(argv=None):
     d_in, d_out = (int(s) for s in shape.split("x"))
     (inputs,) = layer_bench._inputs(jax.random.key(0), args.tokens, d_in, d_out, args.block, 1, jnp.bfloat16)  # pylint: disable=protected-access
     for impl in args.impls.split(","):
-      if KNOWN[impl] is None:
+      if known[impl] is None:
         _, fwd_bwd = layer_bench._dense_fns()  # pylint: disable=protected-access
       else:
-        _, fwd_bwd = layer_bench._poet_fns(args.block, *KNOWN[impl])  # pylint: disable=protected-access
+        _, fwd_bwd = layer_bench._poet_fns(args.block, *known[impl])  # pylint: disable=protected-access
       rows = profile(fwd_bwd, [(inputs,)], args.calls)
       print(f"--- {shape} b={args.block} {impl} fwd+bwd: {sum(r[2] for r in rows):8.1f} µs in "
             f"{sum(r[1] for r in rows):.0f} kernels")
