@@ -99,8 +99,8 @@ def _persistent_kernel(*refs, block, block_offset, tokens_total, tiles, transpos
     dest = tb.load(scatter_ref.at[dest])
 
   def step(t, acc):
-    k = t % steps
-    tokens = (first + (t // steps) * tiles.token_programs) * tiles.tokens + jnp.arange(tiles.tokens)
+    k = jax.lax.rem(t, steps)  # t >= 0: no sign fix-up (jnp's % lowers to mismatched types)
+    tokens = (first + jax.lax.div(t, steps) * tiles.token_programs) * tiles.tokens + jnp.arange(tiles.tokens)
     token_mask = (tokens < tokens_total)[None, :]
     inner = k * tiles.depth + jnp.arange(tiles.depth)
     source = jnp.sum(jnp.where(step_rows == k, sources, 0), axis=0)
