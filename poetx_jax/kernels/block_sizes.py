@@ -46,6 +46,9 @@ def rotation_tiles(block_size: int, tokens: int) -> RotationTiles:
   Not better: a G-stationary kernel (each program loads its `rows x B` slice of `G_r`
   once and walks several token tiles) ran 69–92 µs against 56.6 / 65.5 µs at D = 14336,
   b = 256, and its b = 512 tiles did not fit in shared memory (raw/run39_stationary_sweep.txt).
+  Nor did programs walking several token tiles in one flattened loop, so the next tile's
+  loads could be pipelined behind the last products: 76–90 µs at D = 14336, b = 256
+  (raw/run44_persistent_sweep.txt).
   """
   token_tile = min(128, max(16, _next_pow2(tokens)))
   return RotationTiles(rows=min(block_size, 128), tokens=token_tile, depth=min(64, block_size), num_warps=8, num_stages=3)
