@@ -20,12 +20,6 @@ from poetx_jax.kernels import block_outer_sum, block_rotation, block_sizes
 
 R = block_sizes.RotationTiles
 ROTATIONS = (
-    R(rows=128, tokens=128, depth=64, num_warps=8, num_stages=3, token_programs=2),
-    R(rows=128, tokens=128, depth=64, num_warps=8, num_stages=3, token_programs=4),
-    R(rows=128, tokens=128, depth=64, num_warps=8, num_stages=3, token_programs=8),
-    R(rows=128, tokens=128, depth=64, num_warps=8, num_stages=4, token_programs=4),
-    R(rows=128, tokens=64, depth=64, num_warps=4, num_stages=3, token_programs=4),
-    R(rows=128, tokens=64, depth=64, num_warps=4, num_stages=4, token_programs=8),
     R(rows=128, tokens=128, depth=64, num_warps=8),
     R(rows=128, tokens=128, depth=64, num_warps=8, num_stages=3),
     R(rows=128, tokens=128, depth=64, num_warps=8, num_stages=4),

@@ -15,7 +15,6 @@ scatter), its backward, and its own VJP.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -80,44 +79,6 @@ def _kernel(*refs, block, block_offset, tokens_total, tiles, transpose, gather, 
   tb.store(o_ref.at[dest[:, None], tokens[None, :]], acc.astype(o_ref.dtype), mask=token_mask)
 
 
-def _persistent_kernel(*refs, block, block_offset, tokens_total, tiles, transpose, gather, scatter, token_tiles):
-  """`_kernel` with each program walking token tiles `t, t + P, …` in one flattened loop."""
-  refs = list(refs)
-  gather_ref = refs.pop(0) if gather else None
-  scatter_ref = refs.pop(0) if scatter else None
-  a_ref, g_ref, o_ref = refs
-  r, row_tile, first = tb.program_id(0), tb.program_id(1), tb.program_id(2)
-  g_r = r + block_offset
-  rows = row_tile * tiles.rows + jnp.arange(tiles.rows)
-  steps = block // tiles.depth
-  step_rows = jnp.arange(steps)[:, None]
-  sources = r * block + step_rows * tiles.depth + jnp.arange(tiles.depth)[None, :]
-  if gather:
-    sources = tb.load(gather_ref.at[sources])
-  dest = r * block + rows
-  if scatter:
-    dest = tb.load(scatter_ref.at[dest])
-
-  def step(t, acc):
-    k = jax.lax.rem(t, steps)  # t >= 0: no sign fix-up (jnp's % lowers to mismatched types)
-    tokens = (first + jax.lax.div(t, steps) * tiles.token_programs) * tiles.tokens + jnp.arange(tiles.tokens)
-    token_mask = (tokens < tokens_total)[None, :]
-    inner = k * tiles.depth + jnp.arange(tiles.depth)
-    source = jnp.sum(jnp.where(step_rows == k, sources, 0), axis=0)
-    a = tb.load(a_ref.at[source[:, None], tokens[None, :]], mask=token_mask, other=0)
-    if transpose:
-      m = tb.load(g_ref.at[g_r, rows[:, None], inner[None, :]])
-    else:
-      m = tb.load(g_ref.at[g_r, inner[:, None], rows[None, :]]).T
-    acc = acc + tb.dot(m, a)
-    last = k == steps - 1
-    tb.store(o_ref.at[dest[:, None], tokens[None, :]], acc.astype(o_ref.dtype), mask=token_mask & last)
-    return jnp.where(last, 0.0, acc)
-
-  loops = tb.cdiv(token_tiles, tiles.token_programs) * steps
-  jax.lax.fori_loop(0, loops, step, jnp.zeros((tiles.rows, tiles.tokens), jnp.float32))
-
-
 def _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, tiles=None, block_offset=0):
   _, block, _ = g_RxBxB.shape
   d, n = a_DxN.shape
@@ -126,21 +87,14 @@ def _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, tiles=None, b
   # Every token tile re-reads its block's G: cast once (a no-op when the caller
   # already holds G in the activations' dtype, as the layer does), not per tile.
   g_RxBxB = g_RxBxB.astype(a_DxN.dtype)
-  common = dict(
-      block=block, block_offset=block_offset, tokens_total=n, tiles=tiles, transpose=transpose,
+  kernel = functools.partial(
+      _kernel, block=block, block_offset=block_offset, tokens_total=n, tiles=tiles, transpose=transpose,
       gather=gather is not None, scatter=scatter is not None,
   )
-  token_axis = tb.cdiv(n, tiles.tokens)
-  if tiles.token_programs:
-    common["tiles"] = tiles = dataclasses.replace(tiles, token_programs=min(tiles.token_programs, token_axis))
-    kernel = functools.partial(_persistent_kernel, token_tiles=token_axis, **common)
-    token_axis = tiles.token_programs
-  else:
-    kernel = functools.partial(_kernel, **common)
   perms = [p.astype(jnp.int32) for p in (gather, scatter) if p is not None]
   call = tb.pallas_call(
       kernel,
-      grid=(num_blocks, block // tiles.rows, token_axis),
+      grid=(num_blocks, block // tiles.rows, tb.cdiv(n, tiles.tokens)),
       out_shape=jax.ShapeDtypeStruct(a_DxN.shape, a_DxN.dtype),
       name="poetx_block_rotate",
       interpret=interpret,

@@ -25,10 +25,6 @@ class RotationTiles:
   depth: int  # reduction chunk over the block's B inputs
   num_warps: int
   num_stages: int = 2  # software-pipelined loads of the reduction loop
-  # 0: one program per token tile. Otherwise this many programs per row tile of a
-  # block, each walking its token tiles in one flattened loop (the next tile's loads
-  # pipelined behind the current tile's last products).
-  token_programs: int = 0
 
 
 def rotation_tiles(block_size: int, tokens: int) -> RotationTiles:
