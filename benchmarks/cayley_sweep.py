@@ -30,14 +30,51 @@ TILINGS = {
 CASES = ((256, 72), (256, 320), (512, 36), (512, 160))
 
 
+# The two kernels that only move data: unpacking `q` into `Q` and packing `dQ − dQᵀ`.
+SKEW_TILINGS = (C(64, 64, 4), C(128, 128, 8), C(64, 64, 4, cols=128), C(32, 32, 4), C(128, 128, 4), C(64, 64, 2))
+PACK_TILINGS = (C(64, 64, 4), C(32, 32, 4), C(32, 32, 2), C(128, 128, 8), C(64, 64, 8))
+
+
+def data_kernels(cases, sets_per_case=3):
+  """Device µs of the unpacking (`skew`) and packing kernels alone, per tiling."""
+  for block, blocks in cases:
+    sets = []
+    for s in range(sets_per_case):
+      k1, k2 = jax.random.split(jax.random.key(s))
+      sets.append((0.05 * jax.random.normal(k1, (blocks, skew.packed_size(block)), jnp.float32),
+                   jax.random.normal(k2, (blocks, block, block), jnp.float32)))
+    for t in SKEW_TILINGS:
+      if t.side > block or t.width > block:
+        continue
+      fn = jax.jit(lambda q, g, t=t: cn._square_blocks(  # pylint: disable=protected-access
+          cn._skew_kernel, "poetx_cayley_skew", blocks, block, t, False, (jnp.bfloat16,), q))  # pylint: disable=protected-access
+      _report(f"b={block} blocks={blocks} skew {t}", fn, sets)
+    for t in PACK_TILINGS:
+      if t.side > block:
+        continue
+      fn = jax.jit(lambda q, g, t=t: cn._pack(g, block, False, t))  # pylint: disable=protected-access
+      _report(f"b={block} blocks={blocks} pack {t}", fn, sets)
+
+
+def _report(label, fn, sets):
+  try:
+    print(f"  {label}  {kernel_profile.device_us(fn, sets):7.1f} µs", flush=True)
+  except Exception as err:  # pylint: disable=broad-except  (report and go on)
+    print(f"  {label}  failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--sets", type=int, default=4)
   parser.add_argument("--cases", default=",".join(f"{b}x{r}" for b, r in CASES), help="bxblocks,...")
   parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--data_kernels", action="store_true", help="sweep only the unpacking and packing kernels")
   args = parser.parse_args(argv)
   cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+  if args.data_kernels:
+    data_kernels(cases)
+    return
   for block, blocks in cases:
     sets = []
     for s in range(args.sets):

@@ -215,8 +215,8 @@ def _forward(q_RxE, block, operand_dtype, precision, interpret, tiles=None, out_
   return (g, (q, q2, m[0])) if keep_state else g
 
 
-def _pack(dq_RxBxB, block, interpret):
-  tiles = block_sizes.cayley_pack_tiles(block)
+def _pack(dq_RxBxB, block, interpret, tiles=None):
+  tiles = tiles or block_sizes.cayley_pack_tiles(block)
   side = block // tiles.side
   pair_rows, pair_cols = (jnp.asarray(a, jnp.int32) for a in np.triu_indices(side))
   kernel = functools.partial(_pack_kernel, block=block, tiles=tiles)
