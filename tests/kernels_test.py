@@ -11,7 +11,7 @@ import pytest
 from conftest import relative_error
 
 from poetx_jax import cayley, skew
-from poetx_jax.kernels import block_outer_sum, block_rotation
+from poetx_jax.kernels import block_sizes, block_outer_sum, block_rotation
 from poetx_jax.kernels import cayley_neumann as cayley_kernel
 from poetx_jax.kernels import triton_backend
 
@@ -203,6 +203,17 @@ class CayleyNeumannBase(KernelCase):
     np.testing.assert_array_equal(given, vjp(dg)[0])
     with pytest.raises(ValueError, match="dg_operand"):
       cayley_kernel.cayley_neumann_backward(q, dg, block, dg_operand=dg, **kw)
+
+  @pytest.mark.parametrize("num_blocks", [1, 600])
+  def test_unpacking_tiles_build_the_skew_blocks(self, rng, num_blocks):
+    """Both tilings `cayley_skew_tiles` picks (32 x 32; 64 x 128 for many blocks) write exactly `Q`."""
+    block = 128
+    tiles = block_sizes.cayley_skew_tiles(block, num_blocks)
+    q = jnp.asarray(rng.standard_normal((2, skew.packed_size(block))), jnp.float32)
+    out = cayley_kernel._square_blocks(  # pylint: disable=protected-access
+        cayley_kernel._skew_kernel, "skew", 2, block, tiles, self.interpret, (jnp.float32,), q  # pylint: disable=protected-access
+    )
+    np.testing.assert_array_equal(out, skew.skew_from_packed(q, block))
 
   def test_zero_is_identity(self):
     out = cayley_kernel.cayley_neumann(jnp.zeros((2, skew.packed_size(32))), 32, interpret=self.interpret)

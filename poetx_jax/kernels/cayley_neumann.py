@@ -197,7 +197,8 @@ def _square_blocks(fn, name, num_blocks, block, tiles, interpret, out_dtypes, *a
 def _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, signs):
   """`Q`, `Q2` and `Q2 + s·2Q` for each `s` in `signs`, all `(R, B, B)` in `operand_dtype`."""
   r = q_RxE.shape[0]
-  q = _square_blocks(_skew_kernel, "poetx_cayley_skew", r, block, tiles, interpret, (operand_dtype,), q_RxE)
+  skew_tiles = block_sizes.cayley_skew_tiles(block, r)
+  q = _square_blocks(_skew_kernel, "poetx_cayley_skew", r, block, skew_tiles, interpret, (operand_dtype,), q_RxE)
   square = functools.partial(_square_kernel, precision=precision, signs=signs)
   outs = _square_blocks(square, "poetx_cayley_square", r, block, tiles, interpret, (operand_dtype,) * (1 + len(signs)), q)
   return (q,) + tuple(outs)
