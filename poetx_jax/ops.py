@@ -215,6 +215,10 @@ def poet_linear(
     raise ValueError(f"keep_cayley_state must be True or False, got {keep_cayley_state!r}.")
   check_shapes(x_NI.shape, base_kernel_IxO.shape, q_in_RxE.shape, q_out_RxE.shape, block_size)
   backend = backends.resolve(implementation, interpret=interpret, block_size=block_size)
+  if math.prod(x_NI.shape[:-1]) == 0:
+    # No tokens: the exact result is empty, and every gradient a sum over no tokens
+    # (zero). The kernels' grids and gathers need at least one row, so skip them.
+    return jnp.zeros(x_NI.shape[:-1] + (base_kernel_IxO.shape[-1],), x_NI.dtype)
 
   def local(x, base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O):
     return _poet_layer(

@@ -157,3 +157,21 @@ def test_bad_arguments_raise(rng):
     ops.poet_linear(jnp.zeros((2, 15)), **odd, block_size=3, implementation="xla")
   with pytest.raises(ValueError, match=r"shape \(4, 6\), expected \(4, 3\)"):
     ops.check_shapes((2, 12), (12, 12), (4, 6), (4, 3), 3)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(rng, implementation):
+  block = 16
+  layer = _layer(rng, 32, 48, block)
+
+  def f(x, q_in, q_out):
+    args = dict(layer, q_in_RxE=q_in, q_out_RxE=q_out)
+    return ops.poet_linear(x, **args, block_size=block, implementation=implementation, interpret=True)
+
+  x = jnp.zeros((2, 0, 32), jnp.float32)
+  y, vjp = jax.vjp(f, x, layer["q_in_RxE"], layer["q_out_RxE"])
+  assert y.shape == (2, 0, 48) and y.dtype == x.dtype
+  dx, dq_in, dq_out = vjp(y)
+  assert dx.shape == x.shape
+  np.testing.assert_array_equal(dq_in, jnp.zeros_like(layer["q_in_RxE"]))
+  np.testing.assert_array_equal(dq_out, jnp.zeros_like(layer["q_out_RxE"]))
