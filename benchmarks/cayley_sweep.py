@@ -73,7 +73,7 @@ def main(argv=None):
   cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   if args.data_kernels:
-    data_kernels(cases)
+    data_kernels(cases, args.sets)
     return
   for block, blocks in cases:
     sets = []

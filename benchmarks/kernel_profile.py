@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 
-
 def device_kernels(trace_path: str) -> list[tuple[str, float]]:
   """(name, duration µs) of every kernel on a GPU stream line of a Perfetto trace."""
   with gzip.open(trace_path) as f:

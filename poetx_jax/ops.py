@@ -84,8 +84,24 @@ def _cayley_settings(x_dtype, precision):
   `kernels/cayley_neumann.py`): the rotations round `G` to the activations' dtype anyway."""
   operand_dtype = jnp.bfloat16 if x_dtype == jnp.bfloat16 else jnp.float32
   # Precision only means something for float32 operands (bfloat16 ones multiply exactly).
-  highest = operand_dtype == jnp.float32 and (precision == jax.lax.Precision.HIGHEST or precision == "highest")
+  highest = operand_dtype == jnp.float32 and _asks_for_highest(precision)
   return dict(precision=jax.lax.Precision.HIGHEST if highest else jax.lax.Precision.DEFAULT, operand_dtype=operand_dtype)
+
+
+def _asks_for_highest(precision) -> bool:
+  """Whether `precision`, in any form `jax.lax.dot` takes, asks for IEEE float32 products:
+  `Precision.HIGHEST`, "highest" or "float32", a pair of those, or the F32_F32_F32 preset."""
+  if isinstance(precision, (tuple, list)):
+    return bool(precision) and all(_asks_for_highest(p) for p in precision)
+  if isinstance(precision, str):
+    try:
+      precision = jax.lax.Precision(precision)
+    except ValueError:
+      return False  # the GEMMs, which take the same argument, say what is wrong with it
+  presets = getattr(jax.lax, "DotAlgorithmPreset", None)
+  if presets is not None and precision == presets.F32_F32_F32:
+    return True
+  return precision == jax.lax.Precision.HIGHEST
 
 
 def _poet_layer_fwd(backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, x, k_IxO, qs, perms):
@@ -95,8 +111,9 @@ def _poet_layer_fwd(backend, keep_hidden, keep_cayley_state, precision, block_si
   perm_in_inv, _, perm_out, perm_out_inv = _with_inverses(perms)
   # Optionally keeps what the Cayley backward would recompute (`Q`, `Q2`, `Q2 − 2Q`:
   # 3·B² operand-dtype values per block).
+  settings = _cayley_settings(x_NI.dtype, precision)
   g_RxBxB, cayley_state = backend.cayley_forward(
-      q_RxE, block_size, neumann_terms, out_dtype=x_NI.dtype, keep_state=keep_cayley_state, **_cayley_settings(x_NI.dtype, precision)
+      q_RxE, block_size, neumann_terms, out_dtype=x_NI.dtype, keep_state=keep_cayley_state, **settings
   )
   x_IxN = x_NI.T  # feature-major inside the layer: permutations move whole rows
   h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
@@ -194,9 +211,10 @@ def poet_linear(
       (Pallas only; see the module docstring and `POETConfig.keep_cayley_state`).
     implementation: "xla", "pallas" or None (chosen by measurement); see `backends.resolve`.
     interpret: run Pallas kernels in the interpreter.
-    precision: `jax.lax.Precision` of the two large GEMMs; HIGHEST also makes the
-      Cayley–Neumann map multiply in IEEE float32 (by default it uses DEFAULT, TF32
-      on GPUs, which rounds only its `Q²` terms).
+    precision: of the two large GEMMs (any form `jax.lax.dot` takes). With float32
+      activations HIGHEST (in any spelling) also makes the Cayley–Neumann map multiply
+      in IEEE float32; otherwise it runs at DEFAULT (TF32 on GPUs, which rounds only its
+      `Q²` terms), whatever `jax_default_matmul_precision` says.
     batch_axes: when traced under `jit` with a mesh set (`jax.set_mesh`, or
       `jax.sharding.use_abstract_mesh` as the trainer does), the mesh axes that split
       the token rows; the Pallas kernels then run on each device's rows (`shard_map`).

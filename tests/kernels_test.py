@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import relative_error
 
-from poetx_jax import cayley, skew
-from poetx_jax.kernels import block_sizes, block_outer_sum, block_rotation
+from poetx_jax import cayley, ops, skew
+from poetx_jax.kernels import block_outer_sum, block_rotation, block_sizes
 from poetx_jax.kernels import cayley_neumann as cayley_kernel
 from poetx_jax.kernels import triton_backend
 
@@ -209,11 +209,40 @@ class CayleyNeumannBase(KernelCase):
     """Both tilings `cayley_skew_tiles` picks (32 x 32; 64 x 128 for many blocks) write exactly `Q`."""
     block = 128
     tiles = block_sizes.cayley_skew_tiles(block, num_blocks)
+    assert tiles.width == (128 if num_blocks == 600 else 32)  # both tilings are covered
     q = jnp.asarray(rng.standard_normal((2, skew.packed_size(block))), jnp.float32)
     out = cayley_kernel._square_blocks(  # pylint: disable=protected-access
         cayley_kernel._skew_kernel, "skew", 2, block, tiles, self.interpret, (jnp.float32,), q  # pylint: disable=protected-access
     )
     np.testing.assert_array_equal(out, skew.skew_from_packed(q, block))
+
+  def test_a_float32_layer_at_highest_precision_matches_the_reference(self, rng):
+    """`precision=HIGHEST` reaches the Cayley kernels too: on a GPU the Pallas layer then
+    matches the float32 reference as closely as the interpreter does, not to TF32."""
+    block, d_in, d_out, tokens = 32, 64, 96, 50
+    e = skew.packed_size(block)
+    args = (
+        jnp.asarray(rng.standard_normal((d_in, d_out)) / 8, jnp.float32),
+        jnp.asarray(0.2 * rng.standard_normal((d_in // block, e)), jnp.float32),
+        jnp.asarray(0.2 * rng.standard_normal((d_out // block, e)), jnp.float32),
+        jnp.asarray(rng.permutation(d_in), jnp.int32),
+        jnp.asarray(rng.permutation(d_out), jnp.int32),
+    )
+    x = jnp.asarray(rng.standard_normal((tokens, d_in)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((tokens, d_out)), jnp.float32)
+    highest = jax.lax.Precision.HIGHEST
+    layer = lambda x, qi, qo: ops.poet_linear(
+        x, args[0], qi, qo, args[3], args[4], block_size=block, implementation="pallas", interpret=self.interpret,
+        precision=highest,
+    )
+    with jax.default_matmul_precision("highest"):  # the reference's own products in IEEE float32
+      reference = lambda x, qi, qo: ops.poet_linear_reference(x, args[0], qi, qo, args[3], args[4], block_size=block)
+      want, want_vjp = jax.vjp(reference, x, args[1], args[2])
+      want_grads = want_vjp(dy)
+    got, got_vjp = jax.vjp(layer, x, args[1], args[2])
+    assert relative_error(got, want) < 2e-5
+    for g, w in zip(got_vjp(dy), want_grads):
+      assert relative_error(g, w) < 2e-5
 
   def test_zero_is_identity(self):
     out = cayley_kernel.cayley_neumann(jnp.zeros((2, skew.packed_size(32))), 32, interpret=self.interpret)

@@ -175,3 +175,17 @@ def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(rng, implementa
   assert dx.shape == x.shape
   np.testing.assert_array_equal(dq_in, jnp.zeros_like(layer["q_in_RxE"]))
   np.testing.assert_array_equal(dq_out, jnp.zeros_like(layer["q_out_RxE"]))
+
+
+@pytest.mark.parametrize(
+    "precision, highest",
+    [(None, False), ("default", False), (jax.lax.Precision.DEFAULT, False), ("tensorfloat32", False),
+     (jax.lax.Precision.HIGHEST, True), ("highest", True), ("float32", True),
+     ((jax.lax.Precision.HIGHEST, "highest"), True), ((jax.lax.Precision.HIGHEST, "default"), False),
+     (jax.lax.DotAlgorithmPreset.F32_F32_F32, True)],
+)
+def test_every_spelling_of_highest_reaches_the_cayley_map(precision, highest):
+  want = jax.lax.Precision.HIGHEST if highest else jax.lax.Precision.DEFAULT
+  assert ops._cayley_settings(jnp.float32, precision)["precision"] == want  # pylint: disable=protected-access
+  # bfloat16 operands multiply exactly: precision does not apply to them.
+  assert ops._cayley_settings(jnp.bfloat16, precision)["precision"] == jax.lax.Precision.DEFAULT  # pylint: disable=protected-access

@@ -136,10 +136,10 @@ def cayley_skew_tiles(block_size: int, num_blocks: int | None = None) -> CayleyT
   64 x 64 up to a few thousand programs (12.0 against 16.1 µs at b = 256 x 72 blocks,
   5.3 against 6.9 at 30, 3.4 against 3.9 at 16); beyond about 8192 such programs
   64 x 128 tiles won (48.5 against 52.7 µs at b = 256 x 320, 24.6 against 25.4 at
-  b = 512 x 36). 128 x 128 tiles lost everywhere.
+  b = 512 x 36; not measured at b = 128). 128 x 128 tiles lost everywhere.
   """
   side = min(block_size, 32)
-  programs = (num_blocks or 1) * (block_size // side) ** 2
+  programs = (num_blocks or 1 << 30) * (block_size // side) ** 2  # unknown: assume many, as above
   if block_size >= 128 and programs > 8192:
     return CayleyTiles(side=64, depth=64, num_warps=4, cols=128)
   return CayleyTiles(side=side, depth=side, num_warps=4)
@@ -150,7 +150,7 @@ def cayley_pack_tiles(block_size: int) -> CayleyTiles:
 
   raw/run45_data_kernels.txt: 16.1 against 17.0 µs for 64 x 64 at b = 256 x 72 blocks,
   6.3 against 7.2 at 30, 4.4 against 5.5 at 16, 74.6 against 76.5 at 320; at b = 512
-  x 36 all tilings were within 3% (35.4 against 35.2).
+  x 36 it lost by 3.5% (35.4 against 34.2 µs for 64 x 64 over 8 warps; 128 x 128: 37.1).
   """
   side = min(block_size, 32)
   return CayleyTiles(side=side, depth=side, num_warps=4)
