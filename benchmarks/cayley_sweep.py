@@ -35,32 +35,31 @@ SKEW_TILINGS = (C(64, 64, 4), C(128, 128, 8), C(64, 64, 4, cols=128), C(32, 32, 
 PACK_TILINGS = (C(64, 64, 4), C(32, 32, 4), C(32, 32, 2), C(128, 128, 8), C(64, 64, 8))
 
 
+def _input_sets(block, blocks, count):
+  """`count` independent `(q, dG)` pairs: packed generators and a float32 cotangent."""
+  sets = []
+  for s in range(count):
+    k1, k2 = jax.random.split(jax.random.key(s))
+    sets.append((0.05 * jax.random.normal(k1, (blocks, skew.packed_size(block)), jnp.float32),
+                 jax.random.normal(k2, (blocks, block, block), jnp.float32)))
+  return sets
+
+
 def data_kernels(cases, sets_per_case=3):
   """Device µs of the unpacking (`skew`) and packing kernels alone, per tiling."""
   for block, blocks in cases:
-    sets = []
-    for s in range(sets_per_case):
-      k1, k2 = jax.random.split(jax.random.key(s))
-      sets.append((0.05 * jax.random.normal(k1, (blocks, skew.packed_size(block)), jnp.float32),
-                   jax.random.normal(k2, (blocks, block, block), jnp.float32)))
+    sets = _input_sets(block, blocks, sets_per_case)
     for t in SKEW_TILINGS:
       if t.side > block or t.width > block:
         continue
       fn = jax.jit(lambda q, g, t=t: cn._square_blocks(  # pylint: disable=protected-access
           cn._skew_kernel, "poetx_cayley_skew", blocks, block, t, False, (jnp.bfloat16,), q))  # pylint: disable=protected-access
-      _report(f"b={block} blocks={blocks} skew {t}", fn, sets)
+      kernel_profile.report_device_us(f"b={block} blocks={blocks} skew {t}", fn, sets)
     for t in PACK_TILINGS:
       if t.side > block:
         continue
       fn = jax.jit(lambda q, g, t=t: cn._pack(g, block, False, t))  # pylint: disable=protected-access
-      _report(f"b={block} blocks={blocks} pack {t}", fn, sets)
-
-
-def _report(label, fn, sets):
-  try:
-    print(f"  {label}  {kernel_profile.device_us(fn, sets):7.1f} µs", flush=True)
-  except Exception as err:  # pylint: disable=broad-except  (report and go on)
-    print(f"  {label}  failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+      kernel_profile.report_device_us(f"b={block} blocks={blocks} pack {t}", fn, sets)
 
 
 def main(argv=None):
@@ -76,11 +75,7 @@ def main(argv=None):
     data_kernels(cases, args.sets)
     return
   for block, blocks in cases:
-    sets = []
-    for s in range(args.sets):
-      k1, k2 = jax.random.split(jax.random.key(s))
-      sets.append((0.05 * jax.random.normal(k1, (blocks, skew.packed_size(block)), jnp.float32),
-                   jax.random.normal(k2, (blocks, block, block), jnp.float32)))
+    sets = _input_sets(block, blocks, args.sets)
     default = jax.lax.Precision.DEFAULT
     fwd = jax.jit(lambda q, g: cayley.cayley_neumann(q, block, 3, default))
     bwd = jax.jit(lambda q, g: jax.vjp(lambda v: cayley.cayley_neumann(v, block, 3, default), q)[1](g))

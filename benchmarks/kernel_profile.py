@@ -65,6 +65,15 @@ def device_us(fn, input_sets, calls: int = 12) -> float:
   return sum(us for _, _, us in profile(fn, input_sets, calls))
 
 
+def report_device_us(label: str, fn, input_sets) -> None:
+  """Prints `label` and `device_us(fn, input_sets)`, or why it failed (a tiling Triton
+  cannot compile, say), and goes on: for sweeps over candidates."""
+  try:
+    print(f"  {label}  {device_us(fn, input_sets):7.1f} µs", flush=True)
+  except Exception as err:  # pylint: disable=broad-except  (report and go on)
+    print(f"  {label}  failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
+
+
 def main(argv=None):
   # Imported here: `benchmarks.layer` imports this module for `device_us`, and run as
   # `python -m benchmarks.kernel_profile` a top-level import would be circular.

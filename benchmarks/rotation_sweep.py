@@ -39,13 +39,6 @@ OUTER_SUMS = (
 )
 
 
-def _report(label, fn, sets):
-  try:
-    print(f"  {label}  {kernel_profile.device_us(fn, sets):7.1f} µs", flush=True)
-  except Exception as err:  # pylint: disable=broad-except  (report and go on)
-    print(f"  {label}  failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}", flush=True)
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--widths", default="14336,4096")
@@ -71,12 +64,12 @@ def main(argv=None):
           continue
         gather = jax.jit(lambda a, g, p, b, t=t: block_rotation._launch(a, g, p, None, False, False, t))  # pylint: disable=protected-access
         scatter = jax.jit(lambda a, g, p, b, t=t: block_rotation._launch(a, g, None, p, False, False, t))  # pylint: disable=protected-access
-        _report(f"rotate gather  {t}", gather, sets)
-        _report(f"rotate scatter {t}", scatter, sets)
+        kernel_profile.report_device_us(f"rotate gather  {t}", gather, sets)
+        kernel_profile.report_device_us(f"rotate scatter {t}", scatter, sets)
       for t in OUTER_SUMS if "outer_sum" in kernels else ():
         programs = (d // block) * (block // t.rows) * (block // t.cols)
         outer = jax.jit(lambda a, g, p, b, t=t: block_outer_sum._launch(a, None, b, p, block, False, t))  # pylint: disable=protected-access
-        _report(f"outer sum      {t} {programs:5d} programs", outer, sets)
+        kernel_profile.report_device_us(f"outer sum      {t} {programs:5d} programs", outer, sets)
 
 
 if __name__ == "__main__":

@@ -98,10 +98,7 @@ def _asks_for_highest(precision) -> bool:
       precision = jax.lax.Precision(precision)
     except ValueError:
       return False  # the GEMMs, which take the same argument, say what is wrong with it
-  presets = getattr(jax.lax, "DotAlgorithmPreset", None)
-  if presets is not None and precision == presets.F32_F32_F32:
-    return True
-  return precision == jax.lax.Precision.HIGHEST
+  return precision in (jax.lax.Precision.HIGHEST, jax.lax.DotAlgorithmPreset.F32_F32_F32)
 
 
 def _poet_layer_fwd(backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, x, k_IxO, qs, perms):
