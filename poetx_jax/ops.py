@@ -90,10 +90,13 @@ def _cayley_settings(x_dtype, precision):
 
 def _asks_for_highest(precision) -> bool:
   """Whether `precision`, in any form `jax.lax.dot` takes, asks for IEEE float32 products:
-  `Precision.HIGHEST`, "highest" or "float32", a pair of those, or the F32_F32_F32 preset."""
+  `Precision.HIGHEST`, "highest" or "float32", a pair of those, or the F32_F32_F32 preset
+  (or its name)."""
   if isinstance(precision, (tuple, list)):
     return bool(precision) and all(_asks_for_highest(p) for p in precision)
-  if isinstance(precision, str):
+  if isinstance(precision, str) and precision in jax.lax.DotAlgorithmPreset.__members__:
+    precision = jax.lax.DotAlgorithmPreset[precision]  # a preset by name, as jax.lax.dot reads it
+  elif isinstance(precision, str):
     try:
       precision = jax.lax.Precision(precision)
     except ValueError:

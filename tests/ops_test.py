@@ -182,7 +182,7 @@ def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(rng, implementa
     [(None, False), ("default", False), (jax.lax.Precision.DEFAULT, False), ("tensorfloat32", False),
      (jax.lax.Precision.HIGHEST, True), ("highest", True), ("float32", True),
      ((jax.lax.Precision.HIGHEST, "highest"), True), ((jax.lax.Precision.HIGHEST, "default"), False),
-     (jax.lax.DotAlgorithmPreset.F32_F32_F32, True)],
+     (jax.lax.DotAlgorithmPreset.F32_F32_F32, True), ("F32_F32_F32", True), ("TF32_TF32_F32", False)],
 )
 def test_every_spelling_of_highest_reaches_the_cayley_map(precision, highest):
   want = jax.lax.Precision.HIGHEST if highest else jax.lax.Precision.DEFAULT
