@@ -118,8 +118,32 @@ def optimizer(
     return groups
   if not clip_norm > 0:
     raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm!r}.")
-  clip = optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=clip_threshold_schedule(clip_norm, config))
-  return optax.chain(clip, groups)
+  return optax.chain(clip_by_scheduled_global_norm(clip_threshold_schedule(clip_norm, config)), groups)
+
+
+def clip_by_scheduled_global_norm(threshold: Callable[[jax.Array], jax.Array]) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` with its threshold read from a schedule at the update count.
+
+  Not `optax.inject_hyperparams(optax.clip_by_global_norm)`: that multiplies every leaf
+  by the float32 threshold array, so a bfloat16 gradient (a model with
+  `param_dtype="bfloat16"`) comes back float32 and optax's select fails. Here each leaf
+  is scaled in its own dtype, and left exactly as it is while the norm is within the
+  threshold.
+  """
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    limit = threshold(state.count)
+    scale = jnp.where(norm < limit, 1.0, limit / norm)
+    clipped = jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), updates)
+    return clipped, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
 
 
 def zeroed(tree: Any, where: jax.Array | bool | None = None) -> Any:

@@ -61,10 +61,29 @@ def test_clipping_bounds_the_global_norm():
   tx = poetx_jax.optimizer(CONFIG, learning_rate=1.0, poet_learning_rate=1.0, clip_norm=0.5)
   state = tx.init(params)
   grads = jax.tree_util.tree_map(lambda p: 100.0 * jnp.ones_like(p), params)
-  clip = optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=optim.clip_threshold_schedule(0.5, CONFIG))
-  clipped, _ = clip.update(grads, clip.init(params))
+  clip = optim.clip_by_scheduled_global_norm(optim.clip_threshold_schedule(0.5, CONFIG))
+  clipped, clip_state = clip.update(grads, clip.init(params))
   assert float(optax.tree.norm(clipped)) == pytest.approx(0.5, rel=1e-5)
+  assert int(clip_state.count) == 1
+  small = jax.tree_util.tree_map(lambda p: 1e-3 * jnp.ones_like(p), params)
+  chex.assert_trees_all_equal(clip.update(small, clip_state)[0], small)  # within the threshold: untouched
   updates, state = jax.jit(tx.update)(grads, state, params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+
+
+def test_clipping_keeps_bfloat16_gradients_bfloat16():
+  # A bfloat16 model (configs/llama8b.py) has bfloat16 gradients beside float32 generators;
+  # optax's clip given a scheduled threshold returned them float32 and failed in its select.
+  params = _params()
+  params["embed"]["embedding"] = params["embed"]["embedding"].astype(jnp.bfloat16)
+  params["norm"]["scale"] = params["norm"]["scale"].astype(jnp.bfloat16)
+  tx = poetx_jax.optimizer(CONFIG, learning_rate=0.1, poet_learning_rate=0.1, clip_norm=0.5)
+  grads = jax.tree_util.tree_map(lambda p: 100.0 * jnp.ones_like(p), params)
+  clip = optim.clip_by_scheduled_global_norm(optim.clip_threshold_schedule(0.5, CONFIG))
+  clipped, _ = jax.jit(clip.update)(grads, clip.init(params))
+  chex.assert_trees_all_equal_shapes_and_dtypes(clipped, params)
+  assert float(optax.tree.norm(clipped)) == pytest.approx(0.5, rel=1e-2)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
 
 
