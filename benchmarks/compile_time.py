@@ -32,6 +32,13 @@ def parse_overrides(items) -> dict:
   return out
 
 
+def apply_overrides(c, overrides) -> None:
+  """Sets `{"poet.keep_cayley_state": True, ...}` on the ConfigDict `c`."""
+  for key, value in (overrides or {}).items():
+    group, _, field = key.rpartition(".")
+    (c[group] if group else c)[field] = value
+
+
 def build(model: str, implementation: str, batch: int, seq_len: int, method: str, scan: bool = False, overrides=None):
   """`(run, config, state, batch)`: a bf16 LLaMA train step on synthetic tokens, as the trainer builds it.
 
@@ -47,9 +54,7 @@ def build(model: str, implementation: str, batch: int, seq_len: int, method: str
   c.model.scan_layers = scan
   c.train.steps = 1000
   c.train.global_batch_size = batch
-  for key, value in (overrides or {}).items():
-    group, _, field = key.rpartition(".")
-    (c[group] if group else c)[field] = value
+  apply_overrides(c, overrides)
   config = train_config.from_config_dict(c)
   run = trainer.build(config)
   state = run.init_fn()

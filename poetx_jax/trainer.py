@@ -137,6 +137,43 @@ def _describe(run: Run, state, compiled) -> None:
     )
 
 
+def device_memory_limit() -> int | None:
+  """Bytes a JAX program may allocate on each local device, or None where unknown (CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  return stats.get("bytes_limit") if stats else None
+
+
+def check_fits(compiled, config: TrainConfig, limit_bytes: int | None) -> None:
+  """Raises before the first step when the compiled step needs more than a device holds.
+
+  Without this the first step fails inside XLA with an allocation error that names a
+  buffer, not the setting to change. The need is XLA's own buffer assignment: the
+  arguments (state and batch, already on the device), the outputs that do not reuse a
+  donated argument, and the temporaries.
+  """
+  memory = compiled.memory_analysis()
+  if memory is None or limit_bytes is None:
+    return
+  need = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+  if need <= limit_bytes:
+    return
+  gib = 2.0**30
+  train = config.train
+  micro = train.global_batch_size // train.grad_accum_steps
+  options = [f"more microbatches per step (train.grad_accum_steps, now {train.grad_accum_steps}: {micro} sequences each)"]
+  if config.model.remat != "full":
+    options.append(f"rematerialization (model.remat='dots' or 'full', now {config.model.remat!r})")
+  if config.optimizer.name == "poetx" and config.poet.variant == "fast":
+    options.append("the mem variant (poet.variant='mem')")
+  options.append(f"more devices for the state (mesh.fsdp, now {config.mesh.fsdp})")
+  raise ValueError(
+      f"the train step needs {need / gib:.1f} GiB per device ({memory.argument_size_in_bytes / gib:.1f} GiB of"
+      f" state and batch, {memory.temp_size_in_bytes / gib:.1f} GiB of temporaries) but a device has"
+      f" {limit_bytes / gib:.1f} GiB for JAX. To fit, use {', '.join(options[:-1])} or {options[-1]}."
+      " On a GPU, XLA_PYTHON_CLIENT_MEM_FRACTION sets JAX's share of its memory (0.75 unless set)."
+  )
+
+
 def _spectrum(run: Run, state) -> dict:
   """σ_max of the configured layers, on the host.
 
@@ -203,6 +240,7 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
       first = sharding.device_batch(next(iterator), run.batch_sharding)
       compiled = run.train_step.lower(state, first).compile()
       _describe(run, state, compiled)
+      check_fits(compiled, config, device_memory_limit())
       pending = None  # (step number after the update, metrics on device)
       window_start, window_steps = time.perf_counter(), 0
       batch = first

@@ -117,6 +117,18 @@ def test_bad_inputs_give_clear_errors(cache_dir, tmp_path):
     train_config.from_config_dict({**c.to_dict(), "train": {**c.train.to_dict(), "stepz": 3}})
 
 
+def test_a_step_too_large_for_the_device_is_refused_naming_the_settings():
+  config = train_config.from_config_dict(base.get_config(), vocab_size=512)
+  # A compiled step holding a donated 4 MB state, a 4 MB temporary and a fresh 4 MB output.
+  compiled = jax.jit(lambda s: (s * 2, (s * 3).sum()), donate_argnums=0).lower(np.ones((1 << 20,), np.float32)).compile()
+  memory = compiled.memory_analysis()
+  need = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+  trainer.check_fits(compiled, config, limit_bytes=need)  # exactly enough
+  trainer.check_fits(compiled, config, limit_bytes=None)  # unknown limit (CPU): nothing to check
+  with pytest.raises(ValueError, match=r"train.grad_accum_steps, now 1: 32 sequences each.*model.remat='dots' or 'full'.*poet.variant='mem'.*mesh.fsdp"):
+    trainer.check_fits(compiled, config, limit_bytes=need - 1)
+
+
 def test_muon_trains(cache_dir, tmp_path):
   trainer.train(_config(cache_dir, optimizer="muon", steps=16), str(tmp_path))
   losses = [r["loss"] for r in _records(tmp_path)]
