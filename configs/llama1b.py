@@ -1,7 +1,8 @@
 """LLaMA-1b (POET-BS b=256 recipe; 2048/5632/32 heads/24 layers).
 
 Command: python train.py --config configs/llama1b.py --workdir runs/llama1b
-Device:  one H100 (bf16); add --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_dir=DIR
+Device:  one H100 (bf16): 4 microbatches, rematerialized dots, 52 GiB of the 59 JAX takes,
+         3.08 s a step (benchmarks/results/raw/run49_fit_1b.txt). Add --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_dir=DIR
          for C4 as in the papers, otherwise the embedded corpus is used.
 Published (POET paper, C4, its full budget): val ppl AdamW 14.73, POET-BS b=256 14.56;
          not reproduced here (no C4 on these machines).
@@ -11,4 +12,8 @@ from configs._llama_common import llama_config
 
 
 def get_config():
-  return llama_config("1b", lr=1e-3, block_size=256)
+  c = llama_config("1b", lr=1e-3, block_size=256)
+  # One pass of 512 sequences would need 671 GiB; 16 microbatches without remat take 4.11 s a step.
+  c.model.remat = "dots"
+  c.train.grad_accum_steps = 4
+  return c

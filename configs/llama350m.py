@@ -1,7 +1,8 @@
 """LLaMA-350m (POET-BS b=256 recipe; FFN 2816 (11 x 256)).
 
 Command: python train.py --config configs/llama350m.py --workdir runs/llama350m
-Device:  one H100 (bf16); add --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_dir=DIR
+Device:  one H100 (bf16): 2 microbatches, rematerialized dots, 50 GiB of the 59 JAX takes,
+         1.39 s a step (benchmarks/results/raw/run50_fit.txt). Add --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_dir=DIR
          for C4 as in the papers, otherwise the embedded corpus is used.
 Published (POET paper, C4, its full budget): val ppl AdamW 16.78, POET-BS b=256 16.27;
          not reproduced here (no C4 on these machines).
@@ -11,4 +12,7 @@ from configs._llama_common import llama_config
 
 
 def get_config():
-  return llama_config("350m", lr=5e-3, block_size=256)
+  c = llama_config("350m", lr=5e-3, block_size=256)
+  c.model.remat = "dots"
+  c.train.grad_accum_steps = 2  # 4 microbatches: 1.44 s a step
+  return c
