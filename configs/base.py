@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.cache_dir = "~/.cache/poetx_jax"  # where the corpus, converted files and tokenizers are built once
   c.data.shuffle_seed = 0  # data order
   c.data.num_workers = 0  # grain worker processes (0: in the training process)
+  c.data.prefetch_batches = 2  # training batches made ahead by a thread while the device trains (0: on demand)
   c.data.add_eos = True  # append EOS to every document before packing
 
   c.train = ml_collections.ConfigDict()

@@ -52,6 +52,7 @@ class DataConfig:
   cache_dir: str = "~/.cache/poetx_jax"
   shuffle_seed: int = 0
   num_workers: int = 0  # grain worker processes (0 = in-process)
+  prefetch_batches: int = 2  # training batches made ahead by a thread (0 = on demand)
   add_eos: bool = True
 
   def __post_init__(self):
@@ -65,6 +66,8 @@ class DataConfig:
         raise ValueError(f"data.{name} must be > 0, got {getattr(self, name)}.")
     if self.num_workers < 0:
       raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}.")
+    if self.prefetch_batches < 0:
+      raise ValueError(f"data.prefetch_batches must be >= 0, got {self.prefetch_batches}.")
     if not 0 <= self.shuffle_seed < 2**32:
       raise ValueError(f"data.shuffle_seed must be in [0, 2**32), got {self.shuffle_seed}.")
 
@@ -329,7 +332,14 @@ def train_dataset(
     # order, the packing and the batches are the same for any number of workers.
     tokens = tokens.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
   windows = pack(tokens, seq_len=config.seq_len, pad_id=tokenizer.pad_id, add_eos=config.add_eos)
-  return windows.batch(global_batch_size // process_count, drop_remainder=True)
+  batches = windows.batch(global_batch_size // process_count, drop_remainder=True)
+  if config.prefetch_batches:
+    # The next batches are made while the device runs a step: on a GPU, dispatching a
+    # step with a `lax.cond` (the merge) returns only once the step has nearly run, so
+    # without this the host's tokenizing and packing would sit between steps. The
+    # iterator's state is that of the last batch handed out, so checkpoints resume exactly.
+    batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.prefetch_batches)
+  return batches
 
 
 def train_iterator(

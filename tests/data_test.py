@@ -172,6 +172,26 @@ def test_resume_through_orbax_checkpoint_args(files_config, tmp_path):
   assert _same_batches(_take(resumed, 6), expected)
 
 
+def test_prefetching_gives_the_same_batches_and_resumes_exactly(files_config):
+  assert files_config.prefetch_batches > 0  # the default
+  on_demand = data.DataConfig(**{**files_config.__dict__, "prefetch_batches": 0})
+  iterator = data.train_iterator(files_config, global_batch_size=4)
+  try:
+    first = _take(iterator, 3)
+    state = iterator.get_state()  # the thread has made batches beyond the third by now
+    after = _take(iterator, 5)
+  finally:
+    iterator.close()
+  plain = data.train_iterator(on_demand, global_batch_size=4)
+  assert _same_batches(_take(plain, 8), first + after)
+  resumed = data.train_iterator(files_config, global_batch_size=4)
+  try:
+    resumed.set_state(state)
+    assert _same_batches(_take(resumed, 5), after)
+  finally:
+    resumed.close()
+
+
 def test_worker_processes_give_the_same_batches(files_config):
   config = data.DataConfig(**{**files_config.__dict__, "num_workers": 2})
   iterator = data.train_iterator(config, global_batch_size=4)
