@@ -11,7 +11,6 @@ import functools
 import logging
 import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -242,11 +241,10 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
       _describe(run, state, compiled)
       check_fits(compiled, config, device_memory_limit())
       pending = None  # (step number after the update, metrics on device)
-      window_start, window_steps = time.perf_counter(), 0
+      clock = metrics.StepClock()
       batch = first
 
-      def read(pending):
-        nonlocal window_start, window_steps
+      def read(pending, *, forced=False):
         step_done, step_metrics = pending
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         if not math.isfinite(values["loss"]):
@@ -254,19 +252,17 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
               f"loss is {values['loss']} at step {step_done - 1}: stopping; the last checkpoint in"
               f" {checkpointer.directory} is intact (lower optimizer.lr / poet_lr or check the data)."
           )
-        window_steps += 1
+        clock.mark(step_done, forced=forced)
         log.advance(1)
         if step_done % config.train.log_every == 0 or step_done == total:
-          seconds = (time.perf_counter() - window_start) / window_steps
-          record = {
+          seconds = clock.window_seconds()
+          speed = {} if seconds is None else {
               "seconds": seconds,
               "tflops_per_device": flops_per_step / seconds / devices / 1e12,
               "tokens_per_sec": tokens_per_step / seconds / devices,
               **({"mfu": flops_per_step / seconds / devices / peak} if peak else {}),
-              **values,
           }
-          log.write(step_done, record)
-          window_start, window_steps = time.perf_counter(), 0
+          log.write(step_done, {**speed, **values})
 
       for step in range(start, total):
         if batch is None:
@@ -282,8 +278,9 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
         stopping = stop_after_step is not None and step_done >= stop_after_step and step_done < total
         due_spectrum = config.train.spectrum_every and (step_done % config.train.spectrum_every == 0 or step == start)
         if due_eval or due_save or stopping or due_spectrum:
-          read(pending)  # never save, evaluate or measure a state whose loss is unread
+          read(pending, forced=True)  # never save, evaluate or measure a state whose loss is unread
           pending = None
+          clock.restart()
         if due_save or stopping:
           checkpointer.save(step_done, state, iterator, force=True)
         if stopping:
@@ -295,7 +292,6 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
         if due_eval or step_done == total:
           last_eval = evaluate.evaluate(run.eval_step, state.params, state.frozen, _eval_batches(config), run.batch_sharding)
           log.write(step_done, last_eval, kind="eval")
-          window_start = time.perf_counter()
       if pending is not None:
         read(pending)
     if last_eval is None:

@@ -171,3 +171,30 @@ def test_scanned_blocks_train_and_merge(cache_dir, tmp_path):
   assert np.mean([r["loss"] for r in records[-3:]]) < np.mean([r["loss"] for r in records[:3]])
   sigmas = [r["sigma_max/blocks/mlp/down_proj"] for r in _records(tmp_path, "spectrum")]
   assert len(sigmas) == 3 and (max(sigmas) - min(sigmas)) / sigmas[0] < 1e-2
+
+
+def test_step_clock_counts_reads_one_step_apart_and_skips_forced_ones(monkeypatch):
+  from poetx_jax import metrics
+
+  now = [0.0]
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+  clock = metrics.StepClock()
+  # A GPU-like loop: each read of step t-1 returns once step t has run (3 s a step);
+  # the last read, forced right after its own dispatch, returns at once.
+  for step in range(1, 5):
+    now[0] = 3.0 * (step + 1)
+    clock.mark(step, forced=False)
+  assert clock.window_seconds() == pytest.approx(3.0)
+  clock.mark(5, forced=True)
+  assert clock.window_seconds() is None  # nothing new measured: no made-up speed
+  for step in range(5, 9):
+    now[0] = 3.0 * (step + 1)
+    clock.mark(step, forced=False)
+  clock.mark(9, forced=True)
+  assert clock.window_seconds() == pytest.approx(3.0)
+  now[0] += 100.0  # a checkpoint save
+  clock.restart()
+  for step in range(10, 13):
+    now[0] += 3.0
+    clock.mark(step, forced=False)
+  assert clock.window_seconds() == pytest.approx(3.0)
