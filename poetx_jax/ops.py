@@ -78,13 +78,17 @@ def _with_inverses(perms):
 
 def _cayley_settings(x_dtype, precision):
   """DEFAULT precision (TF32 on GPUs) only rounds the `Q²` terms of `G`; merges use
-  HIGHEST, and so does the layer when its caller asks for HIGHEST (then float32
-  activations give the reference's numbers on a GPU too). With bfloat16 activations
-  the Pallas kernels also read bfloat16 operands and write `G` in bfloat16 (see
-  `kernels/cayley_neumann.py`): the rotations round `G` to the activations' dtype anyway."""
+  HIGHEST, and so does the layer when its caller asks for HIGHEST, or leaves
+  `precision` unset under `jax_default_matmul_precision="highest"` (as the GEMMs and
+  rotations then do): float32 activations then give the reference's numbers on a GPU
+  too. With bfloat16 activations the Pallas kernels also read bfloat16 operands and
+  write `G` in bfloat16 (see `kernels/cayley_neumann.py`): the rotations round `G` to
+  the activations' dtype anyway."""
   operand_dtype = jnp.bfloat16 if x_dtype == jnp.bfloat16 else jnp.float32
+  if precision is None:
+    precision = jax.config.jax_default_matmul_precision
   # Precision only means something for float32 operands (bfloat16 ones multiply exactly).
-  highest = operand_dtype == jnp.float32 and _asks_for_highest(precision)
+  highest = operand_dtype == jnp.float32 and precision is not None and _asks_for_highest(precision)
   return dict(precision=jax.lax.Precision.HIGHEST if highest else jax.lax.Precision.DEFAULT, operand_dtype=operand_dtype)
 
 
@@ -211,10 +215,11 @@ def poet_linear(
       (Pallas only; see the module docstring and `POETConfig.keep_cayley_state`).
     implementation: "xla", "pallas" or None (chosen by measurement); see `backends.resolve`.
     interpret: run Pallas kernels in the interpreter.
-    precision: of the two large GEMMs (any form `jax.lax.dot` takes). With float32
-      activations HIGHEST (in any spelling) also makes the Cayley–Neumann map multiply
-      in IEEE float32; otherwise it runs at DEFAULT (TF32 on GPUs, which rounds only its
-      `Q²` terms), whatever `jax_default_matmul_precision` says.
+    precision: of the two large GEMMs (any form `jax.lax.dot` takes; None: JAX's
+      `jax_default_matmul_precision`, as for any matmul). With float32 activations
+      HIGHEST (in any spelling, given here or as that default) also makes the
+      Cayley–Neumann map multiply in IEEE float32; otherwise it runs at DEFAULT (TF32
+      on GPUs, which rounds only its `Q²` terms).
     batch_axes: when traced under `jit` with a mesh set (`jax.set_mesh`, or
       `jax.sharding.use_abstract_mesh` as the trainer does), the mesh axes that split
       the token rows; the Pallas kernels then run on each device's rows (`shard_map`).

@@ -179,7 +179,7 @@ def test_an_empty_batch_gives_an_empty_output_and_zero_gradients(rng, implementa
 
 @pytest.mark.parametrize(
     "precision, highest",
-    [(None, False), ("default", False), (jax.lax.Precision.DEFAULT, False), ("tensorfloat32", False),
+    [("default", False), (jax.lax.Precision.DEFAULT, False), ("tensorfloat32", False),
      (jax.lax.Precision.HIGHEST, True), ("highest", True), ("float32", True),
      ((jax.lax.Precision.HIGHEST, "highest"), True), ((jax.lax.Precision.HIGHEST, "default"), False),
      (jax.lax.DotAlgorithmPreset.F32_F32_F32, True), ("F32_F32_F32", True), ("TF32_TF32_F32", False)],
@@ -189,3 +189,13 @@ def test_every_spelling_of_highest_reaches_the_cayley_map(precision, highest):
   assert ops._cayley_settings(jnp.float32, precision)["precision"] == want  # pylint: disable=protected-access
   # bfloat16 operands multiply exactly: precision does not apply to them.
   assert ops._cayley_settings(jnp.bfloat16, precision)["precision"] == jax.lax.Precision.DEFAULT  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("default, highest", [(None, False), ("tensorfloat32", False), ("highest", True), ("float32", True)])
+def test_an_unset_precision_follows_jax_default_matmul_precision(default, highest):
+  # Like the layer's GEMMs and rotations (lax.dot reads the default for precision=None).
+  want = jax.lax.Precision.HIGHEST if highest else jax.lax.Precision.DEFAULT
+  with jax.default_matmul_precision(default):
+    assert ops._cayley_settings(jnp.float32, None)["precision"] == want  # pylint: disable=protected-access
+    # a precision given for the layer wins over the default
+    assert ops._cayley_settings(jnp.float32, "default")["precision"] == jax.lax.Precision.DEFAULT  # pylint: disable=protected-access

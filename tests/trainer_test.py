@@ -74,7 +74,12 @@ def test_kill_and_resume_reproduces_every_loss(cache_dir, tmp_path):
   first = {r["step"]: r["loss"] for r in _records(straight)}
   second = {r["step"]: r["loss"] for r in _records(resumed)}
   assert sorted(second) == list(range(1, 25))
-  assert first == second  # same data order, same merges, bit-identical losses
+  if jax.default_backend() == "cpu":
+    assert first == second  # same data order, same merges, bit-identical losses
+  else:
+    # GPU reductions (atomics) are not bit-reproducible: two straight H100 runs already
+    # differ in the 7th digit from step 5, before the kill (raw/run54_gpu_tests.txt).
+    np.testing.assert_allclose([second[s] for s in sorted(first)], [first[s] for s in sorted(first)], rtol=1e-5)
 
 
 def test_eval_from_checkpoint_equals_eval_in_training(cache_dir, tmp_path):
