@@ -2,8 +2,9 @@
 
 Command: python train.py --config configs/llama130m.py --workdir runs/llama130m
 Device:  one H100 (bf16): rematerialized dots, 50 GiB of the 59 JAX takes, 0.54 s a step
-         (benchmarks/results/raw/run50_fit.txt). Add --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_dir=DIR
-         for C4 as in the papers, otherwise the embedded corpus is used.
+         (benchmarks/results/raw/run50_fit.txt).
+Data:    the embedded corpus; for C4 as in the papers add
+         --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_dir=DIR.
 Published (POET paper, C4, its full budget): val ppl AdamW 20.82, POET-BS b=256 19.88;
          not reproduced here (no C4 on these machines).
 """

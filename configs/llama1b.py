@@ -2,8 +2,9 @@
 
 Command: python train.py --config configs/llama1b.py --workdir runs/llama1b
 Device:  one H100 (bf16): 4 microbatches, rematerialized dots, 52 GiB of the 59 JAX takes,
-         3.08 s a step (benchmarks/results/raw/run49_fit_1b.txt). Add --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_dir=DIR
-         for C4 as in the papers, otherwise the embedded corpus is used.
+         3.08 s a step (benchmarks/results/raw/run49_fit_1b.txt).
+Data:    the embedded corpus; for C4 as in the papers add
+         --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_dir=DIR.
 Published (POET paper, C4, its full budget): val ppl AdamW 14.73, POET-BS b=256 14.56;
          not reproduced here (no C4 on these machines).
 """

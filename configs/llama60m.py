@@ -2,8 +2,9 @@
 
 Command: python train.py --config configs/llama60m.py --workdir runs/llama60m
 Device:  one H100 (bf16): rematerialized dots, 35 GiB of the 59 JAX takes, 0.26 s a step
-         (benchmarks/results/raw/run50_fit.txt). Add --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_dir=DIR
-         for C4 as in the papers, otherwise the embedded corpus is used.
+         (benchmarks/results/raw/run50_fit.txt).
+Data:    the embedded corpus; for C4 as in the papers add
+         --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_dir=DIR.
 Published (POET paper, C4, its full budget): val ppl AdamW 26.68, POET-BS b=256 25.29;
          not reproduced here (no C4 on these machines).
 """
