@@ -6,7 +6,7 @@ For each config file and each setting (comma-separated `field=value` overrides; 
 is the file as shipped): the train step as `train.py` builds it, on random tokens
 of the config's batch shape. It prints the compiled step's memory need against what
 the device gives JAX (the trainer's own check, `trainer.check_fits`) and, where it
-fits, the median wall time of a few steps, tokens/s and MFU.
+fits, the median wall time of a few steps, tokens/s per device and MFU.
 """
 
 from __future__ import annotations
@@ -26,11 +26,6 @@ from poetx_jax.models import llama
 VOCAB = 32000  # the T5 tokenizer's (SPEC §9), as train.py pads it
 
 
-def _need_gib(memory) -> float:
-  need = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
-  return need / 2**30
-
-
 def measure(name: str, setting: str, steps: int) -> str:
   raw = importlib.import_module(f"configs.{name}").get_config()
   compile_time.apply_overrides(raw, compile_time.parse_overrides([s for s in setting.split(",") if s]))
@@ -43,7 +38,9 @@ def measure(name: str, setting: str, steps: int) -> str:
   compiled = run.train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   limit = trainer.device_memory_limit()
-  head = f"{name:<10} {setting or '(as shipped)':<48} compile {compile_s:6.1f} s  need {_need_gib(compiled.memory_analysis()):6.1f} GiB"
+  memory = compiled.memory_analysis()
+  head = f"{name:<10} {setting or '(as shipped)':<48} compile {compile_s:6.1f} s"
+  head += f"  need {trainer.memory_need_bytes(memory) / 2**30:6.1f} GiB" if memory else ""
   head += f" of {limit / 2**30:.1f}" if limit else ""
   try:
     trainer.check_fits(compiled, config, limit)
@@ -54,7 +51,7 @@ def measure(name: str, setting: str, steps: int) -> str:
   tokens = rows * seq_len
   peak = metrics.peak_flops_per_device()
   mfu = llama.flops_per_token(config.model, seq_len) * tokens / step_s / jax.device_count() / peak if peak else float("nan")
-  return head + f"  step {step_s:7.3f} s  {tokens / step_s:9.0f} tokens/s  MFU {mfu:.3f}"
+  return head + f"  step {step_s:7.3f} s  {tokens / step_s / jax.device_count():9.0f} tokens/s/device  MFU {mfu:.3f}"
 
 
 def main(argv=None):
@@ -63,9 +60,10 @@ def main(argv=None):
   parser.add_argument("--settings", nargs="*", default=[""], help='override sets, e.g. "" "train.grad_accum_steps=16,model.remat=dots"')
   parser.add_argument("--steps", type=int, default=3, help="timed steps (the first is dropped when there are more)")
   args = parser.parse_args(argv)
+  settings = args.settings or [""]  # `--settings` with no value: the files as shipped
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}", flush=True)
   for name in args.configs.split(","):
-    for setting in args.settings:
+    for setting in settings:
       try:
         print(measure(name, setting, args.steps), flush=True)
       except Exception as error:  # an OOM at run time, say: report it and go on to the next setting

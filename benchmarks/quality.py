@@ -82,7 +82,7 @@ def collect(spec: dict, args, wall_s: float) -> dict:
   train = [r for r in records if r["kind"] == "train"]
   spectra = [r for r in records if r["kind"] == "spectrum"]
   final = evals[-1] if evals else {}
-  speeds = sorted(r["tokens_per_sec"] for r in train[1:] if "tokens_per_sec" in r) or [float("nan")]
+  speeds = sorted(r["tokens_per_sec"] for r in train[1:] if r.get("tokens_per_sec") is not None) or [float("nan")]
   return {
       **spec,
       "final_val_loss": final.get("val_loss"),

@@ -71,12 +71,18 @@ class Checkpointer:
         logger.error("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one.",
                      step, self.directory, type(err).__name__, err)
         failures.append(step)
+        last_error = f"{type(err).__name__}: {str(err)[:500]}"
         continue
       if failures:
         logger.warning("resumed from step %d; unreadable checkpoints: %s", step, failures)
       return step, restored["state"]
     if steps:
-      raise RuntimeError(f"no readable checkpoint in {self.directory}: steps {failures} all failed to restore.")
+      raise RuntimeError(
+          f"no readable checkpoint in {self.directory}: steps {failures} all failed to restore (the last"
+          f" error: {last_error}). Checkpoints written with other model, optimizer or POET-X settings, or"
+          " by a poetx_jax whose train state differs, do not restore: use their settings and version,"
+          " or a new --workdir."
+      )
     return None
 
   def close(self) -> None:

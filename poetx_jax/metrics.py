@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -40,20 +40,19 @@ class StepClock:
   `lax.cond` (the merge) returns only once that step has nearly run, so the read of
   t−1 returns once t has. Either way consecutive reads are one step apart. A read
   forced right after its own step's dispatch (before a checkpoint, an evaluation, the
-  last step) fits neither pattern, so it marks no time: counted, it made the last
-  window of a GPU run one step short (2.39 against 3.18 s a step). Saving and
+  last step) fits neither pattern, so the loop does not `mark` it: counted, it made
+  the last window of a GPU run one step short (2.39 against 3.18 s a step). Saving and
   evaluating are not a step's time either (`restart`).
   """
 
-  def __init__(self):
+  def __init__(self, now: Callable[[], float] = time.perf_counter):
+    self._now = now
     self._start: tuple[float, int] | None = None
     self._last: tuple[float, int] | None = None
 
-  def mark(self, step: int, *, forced: bool) -> None:
-    """Step `step`'s metrics were just read (`forced`: right after its own dispatch)."""
-    if forced:
-      return
-    self._last = (time.perf_counter(), step)
+  def mark(self, step: int) -> None:
+    """Step `step`'s metrics were just read, right after the next step's dispatch."""
+    self._last = (self._now(), step)
     if self._start is None:
       self._start = self._last
 
@@ -61,10 +60,10 @@ class StepClock:
     """Time spent since the last mark (a save, an evaluation) is not a step's."""
     self._start = self._last = None
 
-  def window_seconds(self) -> float | None:
-    """Mean seconds per step since the previous call; None until two reads are one window apart."""
+  def window_seconds(self) -> float:
+    """Mean seconds per step since the previous call; NaN until two marks are a step apart."""
     if self._start is None or self._last[1] == self._start[1]:
-      return None
+      return math.nan
     seconds = (self._last[0] - self._start[0]) / (self._last[1] - self._start[1])
     self._start = self._last
     return seconds

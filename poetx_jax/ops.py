@@ -88,7 +88,7 @@ def _cayley_settings(x_dtype, precision):
   if precision is None:
     precision = jax.config.jax_default_matmul_precision
   # Precision only means something for float32 operands (bfloat16 ones multiply exactly).
-  highest = operand_dtype == jnp.float32 and precision is not None and _asks_for_highest(precision)
+  highest = operand_dtype == jnp.float32 and _asks_for_highest(precision)
   return dict(precision=jax.lax.Precision.HIGHEST if highest else jax.lax.Precision.DEFAULT, operand_dtype=operand_dtype)
 
 

@@ -15,7 +15,7 @@ from 0.1× to 1× over `clip_ramp_steps` updates.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +121,12 @@ def optimizer(
   return optax.chain(clip_by_scheduled_global_norm(clip_threshold_schedule(clip_norm, config)), groups)
 
 
+class ScheduledClipState(NamedTuple):
+  """The clip's update count, which its threshold schedule reads (merges leave it running)."""
+
+  count: jax.Array
+
+
 def clip_by_scheduled_global_norm(threshold: Callable[[jax.Array], jax.Array]) -> optax.GradientTransformation:
   """`optax.clip_by_global_norm` with its threshold read from a schedule at the update count.
 
@@ -133,7 +139,7 @@ def clip_by_scheduled_global_norm(threshold: Callable[[jax.Array], jax.Array]) -
 
   def init(params):
     del params
-    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+    return ScheduledClipState(count=jnp.zeros([], jnp.int32))
 
   def update(updates, state, params=None):
     del params
@@ -141,7 +147,7 @@ def clip_by_scheduled_global_norm(threshold: Callable[[jax.Array], jax.Array]) -
     limit = threshold(state.count)
     scale = jnp.where(norm < limit, 1.0, limit / norm)
     clipped = jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), updates)
-    return clipped, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+    return clipped, ScheduledClipState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init, update)
 

@@ -142,26 +142,35 @@ def device_memory_limit() -> int | None:
   return stats.get("bytes_limit") if stats else None
 
 
+def memory_need_bytes(memory) -> int:
+  """What a compiled program holds on a device at its peak (`compiled.memory_analysis()`):
+  its arguments, the outputs that do not reuse a donated argument, its temporaries."""
+  return memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+
+
 def check_fits(compiled, config: TrainConfig, limit_bytes: int | None) -> None:
   """Raises before the first step when the compiled step needs more than a device holds.
 
   Without this the first step fails inside XLA with an allocation error that names a
-  buffer, not the setting to change. The need is XLA's own buffer assignment: the
-  arguments (state and batch, already on the device), the outputs that do not reuse a
-  donated argument, and the temporaries.
+  buffer, not the setting to change. The need is XLA's own buffer assignment
+  (`memory_need_bytes`). The eval step is not checked: it keeps no activations for a
+  backward pass (llama1b evaluated 512 sequences a batch within the same 59 GiB).
   """
   memory = compiled.memory_analysis()
   if memory is None or limit_bytes is None:
     return
-  need = memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+  need = memory_need_bytes(memory)
   if need <= limit_bytes:
     return
   gib = 2.0**30
   train = config.train
   micro = train.global_batch_size // train.grad_accum_steps
-  options = [f"more microbatches per step (train.grad_accum_steps, now {train.grad_accum_steps}: {micro} sequences each)"]
+  options = []
+  if micro > jax.device_count():
+    options.append(f"more microbatches per step (train.grad_accum_steps, now {train.grad_accum_steps}: {micro} sequences each)")
   if config.model.remat != "full":
-    options.append(f"rematerialization (model.remat='dots' or 'full', now {config.model.remat!r})")
+    more = "'dots' or 'full'" if config.model.remat == "none" else "'full'"
+    options.append(f"rematerialization (model.remat={more}, now {config.model.remat!r})")
   if config.optimizer.name == "poetx" and config.poet.variant == "fast":
     options.append("the mem variant (poet.variant='mem')")
   options.append(f"more devices for the state (mesh.fsdp, now {config.mesh.fsdp})")
@@ -244,7 +253,7 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
       clock = metrics.StepClock()
       batch = first
 
-      def read(pending, *, forced=False):
+      def read(pending, *, forced=False):  # forced: right after its own step's dispatch
         step_done, step_metrics = pending
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         if not math.isfinite(values["loss"]):
@@ -252,17 +261,19 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
               f"loss is {values['loss']} at step {step_done - 1}: stopping; the last checkpoint in"
               f" {checkpointer.directory} is intact (lower optimizer.lr / poet_lr or check the data)."
           )
-        clock.mark(step_done, forced=forced)
+        if not forced:
+          clock.mark(step_done)
         log.advance(1)
         if step_done % config.train.log_every == 0 or step_done == total:
-          seconds = clock.window_seconds()
-          speed = {} if seconds is None else {
+          seconds = clock.window_seconds()  # NaN (null in metrics.jsonl) where nothing was timed
+          record = {
               "seconds": seconds,
               "tflops_per_device": flops_per_step / seconds / devices / 1e12,
               "tokens_per_sec": tokens_per_step / seconds / devices,
               **({"mfu": flops_per_step / seconds / devices / peak} if peak else {}),
+              **values,
           }
-          log.write(step_done, {**speed, **values})
+          log.write(step_done, record)
 
       for step in range(start, total):
         if batch is None:

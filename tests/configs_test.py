@@ -12,7 +12,6 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import needs_8_devices
 
 from poetx_jax import train_config, trainer
 
@@ -26,10 +25,20 @@ def test_every_config_is_listed():
   assert {"base", "tiny", "llama60m", "llama1b", "llama8b", "llama13b"} <= set(CONFIGS)
 
 
-@needs_8_devices
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_steps_trace(name):
+  _trace(importlib.import_module(f"configs.{name}").get_config())
+
+
+@pytest.mark.parametrize("name", ["llama60m", "llama8b"])
+def test_config_steps_trace_through_the_pallas_kernels(name):
+  # The path a GPU run takes (on the CPU the layer would otherwise pick XLA).
   raw = importlib.import_module(f"configs.{name}").get_config()
+  raw.poet.pallas_interpret = True
+  _trace(raw)
+
+
+def _trace(raw):
   config = train_config.from_config_dict(raw, vocab_size=32000)
   run = trainer.build(config)
   state = jax.eval_shape(run.init_fn)

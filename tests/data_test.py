@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tarfile
+import time
 import zipfile
 
 import grain
@@ -178,7 +179,11 @@ def test_prefetching_gives_the_same_batches_and_resumes_exactly(files_config):
   iterator = data.train_iterator(files_config, global_batch_size=4)
   try:
     first = _take(iterator, 3)
-    state = iterator.get_state()  # the thread has made batches beyond the third by now
+    deadline = time.monotonic() + 60
+    while not iterator._buffer.full() and time.monotonic() < deadline:  # pylint: disable=protected-access
+      time.sleep(0.01)  # let the thread make batches beyond the third
+    assert iterator._buffer.full()  # pylint: disable=protected-access
+    state = iterator.get_state()
     after = _take(iterator, 5)
   finally:
     iterator.close()
