@@ -335,7 +335,7 @@ def train_dataset(
   batches = windows.batch(global_batch_size // process_count, drop_remainder=True)
   if config.prefetch_batches:
     # The next batches are made while the device runs a step: on a GPU, dispatching a
-    # step with a `lax.cond` (the merge) returns only once the step has nearly run, so
+    # step returns only once it has nearly run (likely the merge's `lax.cond`), so
     # without this the host's tokenizing and packing would sit between steps. The
     # iterator's state is that of the last batch handed out, so checkpoints resume exactly.
     batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.prefetch_batches)

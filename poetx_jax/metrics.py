@@ -36,8 +36,8 @@ class StepClock:
   """Seconds per train step, from the times at which the loop reads each step's metrics.
 
   The loop reads step t−1 right after dispatching step t. With asynchronous dispatch
-  that read returns once t−1 has run; on a GPU, dispatching a step that holds a
-  `lax.cond` (the merge) returns only once that step has nearly run, so the read of
+  that read returns once t−1 has run; on a GPU, dispatching a step returns only once
+  that step has nearly run (likely the merge's `lax.cond`), so the read of
   t−1 returns once t has. Either way consecutive reads are one step apart. A read
   forced right after its own step's dispatch (before a checkpoint, an evaluation, the
   last step) fits neither pattern, so the loop does not `mark` it: counted, it made
