@@ -50,6 +50,16 @@ def _take(iterator, count: int) -> list[dict[str, np.ndarray]]:
   return [next(iterator) for _ in range(count)]
 
 
+def _resumed(config, state, count: int) -> list[dict[str, np.ndarray]]:
+  """`count` batches of a fresh iterator set to `state` (closed afterwards: it may run a thread or workers)."""
+  iterator = data.train_iterator(config, global_batch_size=4)
+  try:
+    iterator.set_state(state)
+    return _take(iterator, count)
+  finally:
+    iterator.close()
+
+
 def _same_batches(a, b) -> bool:
   return len(a) == len(b) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
 
@@ -153,9 +163,7 @@ def test_resume_mid_epoch_with_get_state(files_config):
   state = iterator.get_state()
   json.dumps(state)  # orbax's grain handler stores it as JSON
   expected = _take(iterator, 8)
-  resumed = data.train_iterator(files_config, global_batch_size=4)
-  resumed.set_state(state)
-  assert _same_batches(_take(resumed, 8), expected)
+  assert _same_batches(_resumed(files_config, state, 8), expected)
 
 
 def test_resume_through_orbax_checkpoint_args(files_config, tmp_path):
@@ -189,12 +197,7 @@ def test_prefetching_gives_the_same_batches_and_resumes_exactly(files_config):
     iterator.close()
   plain = data.train_iterator(on_demand, global_batch_size=4)
   assert _same_batches(_take(plain, 8), first + after)
-  resumed = data.train_iterator(files_config, global_batch_size=4)
-  try:
-    resumed.set_state(state)
-    assert _same_batches(_take(resumed, 5), after)
-  finally:
-    resumed.close()
+  assert _same_batches(_resumed(files_config, state, 5), after)
 
 
 def test_worker_processes_give_the_same_batches(files_config):
@@ -207,12 +210,7 @@ def test_worker_processes_give_the_same_batches(files_config):
   finally:
     iterator.close()
   assert _same_batches(with_workers, _take(data.train_iterator(files_config, global_batch_size=4), 4))
-  resumed = data.train_iterator(config, global_batch_size=4)
-  try:
-    resumed.set_state(state)
-    assert _same_batches(_take(resumed, 2), after)
-  finally:
-    resumed.close()
+  assert _same_batches(_resumed(config, state, 2), after)
 
 
 def test_local_files_are_converted_once(files_config):
