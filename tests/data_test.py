@@ -264,6 +264,13 @@ def test_missing_files_error_says_what_to_set(tmp_path):
     data.load_tokenizer(data.DataConfig(tfds_name="c4/en:3.1.0", tfds_dir=str(tmp_path), cache_dir=str(tmp_path)))
 
 
+def test_negative_counts_say_which_setting():
+  with pytest.raises(ValueError, match=r"data.prefetch_batches must be >= 0, got -1"):
+    data.DataConfig(prefetch_batches=-1)
+  with pytest.raises(ValueError, match=r"data.num_workers must be >= 0, got -2"):
+    data.DataConfig(num_workers=-2)
+
+
 def test_unreadable_tokenizer_error_says_what_to_set(tmp_path):
   with pytest.raises(ValueError, match="cannot read the tokenizer.*set data.tokenizer"):
     data.load_tokenizer(data.DataConfig(tokenizer=str(tmp_path / "missing.model")))
