@@ -26,7 +26,7 @@ from poetx_jax.models import llama
 VOCAB = 32000  # the T5 tokenizer's (SPEC §9), as train.py pads it
 
 
-def measure(name: str, setting: str, steps: int) -> str:
+def measure(name: str, setting: str, steps: int, show_steps: bool = False) -> str:
   raw = importlib.import_module(f"configs.{name}").get_config()
   compile_time.apply_overrides(raw, compile_time.parse_overrides([s for s in setting.split(",") if s]))
   config = train_config.from_config_dict(raw, vocab_size=VOCAB)
@@ -51,7 +51,8 @@ def measure(name: str, setting: str, steps: int) -> str:
   tokens = rows * seq_len
   peak = metrics.peak_flops_per_device()
   mfu = llama.flops_per_token(config.model, seq_len) * tokens / step_s / jax.device_count() / peak if peak else float("nan")
-  return head + f"  step {step_s:7.3f} s  {tokens / step_s / jax.device_count():9.0f} tokens/s/device  MFU {mfu:.3f}"
+  line = head + f"  step {step_s:7.3f} s  {tokens / step_s / jax.device_count():9.0f} tokens/s/device  MFU {mfu:.3f}"
+  return line + ("\n  each step (s): " + " ".join(f"{t:.3f}" for t in times) if show_steps else "")
 
 
 def main(argv=None):
@@ -59,13 +60,14 @@ def main(argv=None):
   parser.add_argument("--configs", default="llama1b", help="comma-separated config names under configs/")
   parser.add_argument("--settings", nargs="*", default=[""], help='override sets, e.g. "" "train.grad_accum_steps=16,model.remat=dots"')
   parser.add_argument("--steps", type=int, default=3, help="timed steps (the first is dropped when there are more)")
+  parser.add_argument("--show_steps", action="store_true", help="also print every step's seconds (clock drift, say)")
   args = parser.parse_args(argv)
   settings = args.settings or [""]  # `--settings` with no value: the files as shipped
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}", flush=True)
   for name in args.configs.split(","):
     for setting in settings:
       try:
-        print(measure(name, setting, args.steps), flush=True)
+        print(measure(name, setting, args.steps, args.show_steps), flush=True)
       except Exception as error:  # an OOM at run time, say: report it and go on to the next setting
         print(f"{name:<10} {setting or '(as shipped)':<48} FAILED: {type(error).__name__}: {str(error)[:300]}", flush=True)
       gc.collect()

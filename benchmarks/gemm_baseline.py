@@ -80,11 +80,67 @@ def pallas_kt_x(k_IxO, x_IxN, tiles: GemmTiles, interpret: bool = False):
   return call(k_IxO, x_IxN)
 
 
+def mosaic_configs():
+  """Tilings of JAX's Mosaic GPU (wgmma, TMA, warp-specialized) Hopper matmul to try."""
+  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as mgpu  # pylint: disable=g-import-not-at-top
+
+  dims = mgpu.MatmulDimension
+  for tile_n in (128, 256):
+    for grid_minor in dims:
+      for width in (4, 8, 16):
+        for wg in dims:
+          for cluster in (None, dims.M, dims.N):
+            if tile_n == 256 and wg == dims.N:
+              continue  # a 512-wide CTA tile: out of registers
+            yield mgpu, mgpu.TuningConfig(
+                tile_m=128, tile_n=tile_n, tile_k=64, max_concurrent_steps=4, epi_tile_n=64, epi_tile_m=64,
+                grid_minor_dim=grid_minor, grid_tile_width=width, wg_dimension=wg, cluster_dimension=cluster,
+            )
+
+
+def compare_mosaic(shape: str, tokens: int, max_configs: int) -> None:
+  """XLA's `a @ b` against JAX's Mosaic GPU matmul on the same row-major operands:
+  `a = K_sᵀ` (d_out x d_in, materialized), `b = xrᵀ` (d_in x N). A rotation epilogue
+  would be written into a kernel of this kind, so it must first match XLA (cuBLAS)."""
+  d_in, d_out = (int(s) for s in shape.split("x"))
+  sets = []
+  for s in range(3):
+    k1, k2 = jax.random.split(jax.random.key(s))
+    sets.append((jax.random.normal(k1, (d_out, d_in), jnp.bfloat16) / 64, jax.random.normal(k2, (d_in, tokens), jnp.bfloat16)))
+  tflops = lambda us: 2 * d_in * d_out * tokens / us / 1e6
+  xla_us = kernel_profile.device_us(jax.jit(lambda a, b: a @ b), sets)
+  print(f"{shape}  XLA a @ b (row-major)   {xla_us:7.1f} µs  {tflops(xla_us):5.0f} TFLOP/s", flush=True)
+  reference = sets[0][0].astype(jnp.float32) @ sets[0][1].astype(jnp.float32)
+  best = None
+  for i, (mgpu, config) in enumerate(mosaic_configs()):
+    if i >= max_configs:
+      break
+    label = (f"mosaic n{config.tile_n} minor={config.grid_minor_dim.name} w{config.grid_tile_width}"
+             f" wg={config.wg_dimension.name} cluster={getattr(config.cluster_dimension, 'name', None)}")
+    fn = jax.jit(lambda a, b, config=config: mgpu.matmul(a, b, None, config))
+    try:
+      error = float(jnp.max(jnp.abs(fn(*sets[0]).astype(jnp.float32) - reference)))
+      us = kernel_profile.device_us(fn, sets)
+    except Exception as err:  # pylint: disable=broad-except  (report and go on)
+      print(f"{shape}  {label}  failed: {type(err).__name__}: {str(err).splitlines()[0][:100]}", flush=True)
+      continue
+    print(f"{shape}  {label}  {us:7.1f} µs  {tflops(us):5.0f} TFLOP/s  x{us / xla_us:4.2f} XLA  max err {error:.3g}", flush=True)
+    best = us if best is None else min(best, us)
+  if best is not None:
+    print(f"{shape}  best mosaic {best:7.1f} µs  x{best / xla_us:4.2f} XLA", flush=True)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--shapes", default="4096x14336,14336x4096")
   parser.add_argument("--tokens", type=int, default=2048)
+  parser.add_argument("--mosaic", type=int, default=0, help="instead: try this many Mosaic GPU matmul tilings")
   args = parser.parse_args(argv)
+  if args.mosaic:
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, N={args.tokens}", flush=True)
+    for shape in args.shapes.split(","):
+      compare_mosaic(shape, args.tokens, args.mosaic)
+    return
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, N={args.tokens}", flush=True)
   for shape in args.shapes.split(","):
     d_in, d_out = (int(s) for s in shape.split("x"))

@@ -22,11 +22,15 @@ import jax
 import jax.numpy as jnp
 
 
-def device_kernels(trace_path: str) -> list[tuple[str, float]]:
-  """(name, duration µs) of every kernel on a GPU stream line of a Perfetto trace."""
+def read_trace(trace_path: str) -> list[dict]:
+  """The events of a Perfetto trace (`perfetto_trace.json.gz`)."""
   with gzip.open(trace_path) as f:
     data = json.load(f)
-  events = data["traceEvents"] if isinstance(data, dict) else data
+  return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def kernel_events(events: list[dict]) -> list[dict]:
+  """Every kernel event on a GPU stream line (CUPTI timestamps `ts`, durations `dur`, µs)."""
   processes, threads = {}, {}
   for e in events:
     if e.get("ph") == "M" and e.get("name") == "process_name":
@@ -39,8 +43,13 @@ def device_kernels(trace_path: str) -> list[tuple[str, float]]:
       continue
     if not threads.get((e["pid"], e.get("tid")), "").startswith("Stream"):
       continue  # the "XLA Ops" / "XLA Modules" lines repeat the stream's kernels
-    kernels.append((e["name"], float(e["dur"])))
+    kernels.append(e)
   return kernels
+
+
+def device_kernels(trace_path: str) -> list[tuple[str, float]]:
+  """(name, duration µs) of every kernel on a GPU stream line of a Perfetto trace."""
+  return [(e["name"], float(e["dur"])) for e in kernel_events(read_trace(trace_path))]
 
 
 def profile(fn, input_sets, calls: int) -> list[tuple[str, int, float]]:

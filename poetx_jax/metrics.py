@@ -69,6 +69,50 @@ class StepClock:
     return seconds
 
 
+class StepProfiler:
+  """A `jax.profiler` trace of the steps `train.profile_steps` names (device kernels and
+  host events, Perfetto `perfetto_trace.json.gz` beside TensorBoard's files).
+
+  The trace starts before the first step's batch is made and stops once the last
+  step has run, so host gaps between steps are in it. Steps before `start` (a resumed
+  run) or from `total` on are never run: a range with none left is reported, not
+  silently skipped.
+  """
+
+  def __init__(self, log_dir: str, steps: range | None, start: int, total: int):
+    self._log_dir = log_dir
+    self._running = False
+    self._steps = None
+    if steps is None:
+      return
+    kept = range(max(steps.start, start), min(steps.stop, total))
+    if not kept:
+      logger.warning("train.profile_steps %d:%d: none of these steps runs (steps %d to %d do): no profile",
+                     steps.start, steps.stop, start, total)
+      return
+    self._steps = kept
+
+  def before(self, step: int) -> None:
+    if self._steps is not None and step == self._steps.start:
+      jax.profiler.start_trace(self._log_dir, create_perfetto_trace=True)
+      self._running = True
+
+  def after(self, step: int, step_metrics) -> bool:
+    """Stops the trace after the range's last step; True then (writing it is not a step's time)."""
+    if not (self._running and step == self._steps[-1]):
+      return False
+    jax.block_until_ready(step_metrics)
+    self.close()
+    logger.info("profiled steps %d to %d: %s", self._steps.start, step, self._log_dir)
+    return True
+
+  def close(self) -> None:
+    """Stops a running trace (also when the loop ends early)."""
+    if self._running:
+      self._running = False
+      jax.profiler.stop_trace()
+
+
 def _format(value: Any) -> str:
   if isinstance(value, float):
     if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):

@@ -54,15 +54,30 @@ class RunConfig:
   keep_checkpoints: int = 3
   spectrum_every: int = 0
   spectrum_layers: str = "blocks_0/attention/q_proj,blocks_0/mlp/down_proj"
+  profile_steps: str = ""
 
   def __post_init__(self):
     if self.steps <= 0:
       raise ValueError(f"train.steps must be > 0, got {self.steps}.")
+    self.profile_range()  # raises on a malformed range
     if self.grad_accum_steps < 1 or self.global_batch_size % self.grad_accum_steps:
       raise ValueError(
           f"train.global_batch_size={self.global_batch_size} must be divisible by"
           f" train.grad_accum_steps={self.grad_accum_steps}."
       )
+
+  def profile_range(self) -> range | None:
+    """The steps `profile_steps` ("START:STOP", 0-based, STOP excluded) asks to trace, or None."""
+    if not self.profile_steps:
+      return None
+    parts = self.profile_steps.split(":")
+    try:
+      start, stop = (int(p) for p in parts)
+    except ValueError:
+      start = stop = -1
+    if len(parts) != 2 or not 0 <= start < stop:
+      raise ValueError(f'train.profile_steps must be "START:STOP" with 0 <= START < STOP, got {self.profile_steps!r}.')
+    return range(start, stop)
 
 
 @dataclasses.dataclass(frozen=True)

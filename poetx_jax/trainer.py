@@ -241,6 +241,7 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
   peak = metrics.peak_flops_per_device()
   log = metrics.MetricsLogger(workdir, total_steps=total, initial_step=start)
   last_eval = None
+  profiler = None
   try:
     if start >= total:
       logger.info("already trained to step %d of %d", start, total)
@@ -251,6 +252,7 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
       check_fits(compiled, config, device_memory_limit())
       pending = None  # (step number after the update, metrics on device)
       clock = metrics.StepClock()
+      profiler = metrics.StepProfiler(os.path.join(workdir, "profile"), config.train.profile_range(), start, total)
       batch = first
 
       def read(pending, *, forced=False):  # forced: right after its own step's dispatch
@@ -276,10 +278,13 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
           log.write(step_done, record)
 
       for step in range(start, total):
+        profiler.before(step)
         if batch is None:
           batch = sharding.device_batch(next(iterator), run.batch_sharding)
         state, step_metrics = compiled(state, batch)  # dispatch step t ...
         batch = None
+        if profiler.after(step, step_metrics):
+          clock.restart()
         if pending is not None:
           read(pending)  # ... then read step t-1
         pending = (step + 1, step_metrics)
@@ -309,6 +314,8 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
       last_eval = evaluate.evaluate(run.eval_step, state.params, state.frozen, _eval_batches(config), run.batch_sharding)
       log.write(int(state.step), last_eval, kind="eval")
   finally:
+    if profiler is not None:
+      profiler.close()
     checkpointer.close()
     log.close()
     close = getattr(iterator, "close", None)

@@ -1,5 +1,6 @@
 """The LLaMA model: causality, and POET-X over its unrolled and scanned (nn.scan) forms."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,3 +54,40 @@ def test_scanned_poetx_merges_exports_and_labels():
   new_up = merged["poet"]["blocks"]["mlp"]["up_proj"]["perm_out"]
   assert not np.array_equal(new_up[0], new_up[1]) and not np.array_equal(new_up[0], up["perm_out"][0])
   assert float(jnp.abs(merged["params"]["blocks"]["mlp"]["up_proj"]["q_in"]).max()) == 0.0
+
+
+def test_embedding_gathers_then_casts_so_its_gradient_is_a_float32_scatter():
+  """Same parameter and forward as `nn.Embed`; the gradient is a float32 scatter-add
+  (a bfloat16 one is a compare-and-swap loop on the GPU) and exact in float32."""
+  init = jax.nn.initializers.normal(0.02)
+  ours = llama.Embed(50, 8, dtype=jnp.bfloat16, param_dtype=jnp.float32, embedding_init=init)
+  flax_embed = nn.Embed(50, 8, dtype=jnp.bfloat16, param_dtype=jnp.float32, embedding_init=init)
+  tokens = jnp.array([[3, 3, 3, 7], [3, 49, 0, 7]])
+  params = ours.init(jax.random.key(0), tokens)
+  assert jax.tree.map(lambda p: (p.shape, p.dtype), params) == jax.tree.map(
+      lambda p: (p.shape, p.dtype), flax_embed.init(jax.random.key(0), tokens))
+  np.testing.assert_array_equal(ours.apply(params, tokens), flax_embed.apply(params, tokens))
+
+  cotangent = jax.random.normal(jax.random.key(1), (2, 4, 8), jnp.float32).astype(jnp.bfloat16)
+
+  def grad(module, p=params):
+    _, vjp = jax.vjp(lambda p: module.apply(p, tokens), p)
+    return vjp(cotangent)[0]["params"]["embedding"]
+
+  def scatters(module):
+    def walk(jaxpr):
+      for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+          inner = getattr(value, "jaxpr", value)  # closed jaxprs (pjit) and open ones
+          if hasattr(inner, "eqns"):
+            yield from walk(inner)
+
+    jaxpr = jax.make_jaxpr(lambda p: grad(module, p))(params).jaxpr
+    return [e for e in walk(jaxpr) if "scatter" in e.primitive.name]
+
+  expected = np.zeros((50, 8), np.float32)
+  np.add.at(expected, np.asarray(tokens).ravel(), np.asarray(cotangent, np.float32).reshape(-1, 8))
+  np.testing.assert_allclose(grad(ours), expected, rtol=1e-6, atol=1e-7)  # summed in float32
+  assert scatters(ours) and all(e.outvars[0].aval.dtype == jnp.float32 for e in scatters(ours)), scatters(ours)
+  assert scatters(flax_embed)[0].outvars[0].aval.dtype == jnp.bfloat16  # what this module avoids

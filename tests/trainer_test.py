@@ -1,7 +1,10 @@
 """The training system end to end on the CPU (8 fake devices) with a small text fixture."""
 
+import glob
+import gzip
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -180,6 +183,29 @@ def test_scanned_blocks_train_and_merge(cache_dir, tmp_path):
   assert np.mean([r["loss"] for r in records[-3:]]) < np.mean([r["loss"] for r in records[:3]])
   sigmas = [r["sigma_max/blocks/mlp/down_proj"] for r in _records(tmp_path, "spectrum")]
   assert len(sigmas) == 3 and (max(sigmas) - min(sigmas)) / sigmas[0] < 1e-2
+
+
+def _event_names(trace_dir):
+  (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  with gzip.open(path) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  return [e.get("name", "") for e in events if e.get("ph") == "X"]
+
+
+def test_profile_steps_trace_just_those_steps(cache_dir, tmp_path, caplog):
+  trainer.train(_config(cache_dir, steps=6, train__profile_steps="2:4"), str(tmp_path / "run"))
+  names = _event_names(str(tmp_path / "run" / "profile"))
+  executions = [n for n in names if re.fullmatch(r"\S+::Execute \(jit_train_step\)", n)]
+  assert len(executions) == 2, sorted(set(names))[:50]  # steps 2 and 3, not the 4 others
+  assert len(_records(tmp_path / "run")) == 6  # and the run itself is whole
+  with caplog.at_level("WARNING", logger="poetx_jax"):
+    trainer.train(_config(cache_dir, steps=6, train__profile_steps="10:12"), str(tmp_path / "short"))
+  assert "none of these steps runs" in caplog.text
+  assert not os.path.exists(tmp_path / "short" / "profile")
+  for bad in ("3", "4:2", "a:b", "-1:2", "1:2:3"):
+    with pytest.raises(ValueError, match="train.profile_steps must be"):
+      _config(cache_dir, train__profile_steps=bad)
 
 
 def test_step_clock_times_windows_of_regular_reads():

@@ -9,6 +9,7 @@ down_proj`; the head is `lm_head` (excluded by POETConfig's default).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -153,6 +154,30 @@ _REMAT_POLICIES = {
 }
 
 
+class Embed(nn.Module):
+  """Token embedding that gathers rows in the table's dtype, then casts them.
+
+  `nn.Embed` casts the whole table to `dtype` before its gather, so with a float32
+  table and bfloat16 activations its gradient is a bfloat16 scatter-add, which the
+  GPU does with compare-and-swap loops that serialize on repeated tokens: on real
+  text that one scatter took 100–153 ms of a 0.36–0.41 s llama60m step on the H100,
+  against almost nothing on uniformly random tokens
+  (`benchmarks/results/raw/run59_train_profile.txt`). Gathering first makes the
+  gradient a float32 scatter-add. Same parameter (`embedding`) and forward values.
+  """
+
+  num_embeddings: int
+  features: int
+  dtype: Any
+  param_dtype: Any
+  embedding_init: Callable
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    table_VxD = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype)
+    return jnp.take(table_VxD, tokens, axis=0).astype(self.dtype)
+
+
 class Llama(nn.Module):
   """Decoder-only LLaMA: `tokens (B, S) int32 -> logits (B, S, vocab) float32`."""
 
@@ -161,7 +186,7 @@ class Llama(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxS: jax.Array) -> jax.Array:
     cfg = self.config
-    embed = nn.Embed(
+    embed = Embed(
         cfg.vocab_size,
         cfg.hidden,
         dtype=cfg.dtype,
