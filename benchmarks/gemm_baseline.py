@@ -19,6 +19,11 @@ whole rotate-and-scatter kernel it would absorb (57–68 µs); with the 256-row 
 fused rotation needs, 421.5 µs. At 14336x4096 the best took 310.3 against 294.6 µs,
 and 347.6 with 256 rows, while the output rotation there is only a 4096-row kernel
 (17–20 µs). So the layer keeps XLA's GEMMs and separate rotation kernels.
+
+`--mosaic N` instead times JAX's Mosaic GPU Hopper matmul over N tilings against XLA on
+the same row-major operands (raw/run57_gemm_mosaic.txt: best 1.03x XLA at 4096x14336,
+0.99x at 14336x4096): a GEMM with the rotation in its epilogue would be written on
+that backend.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Command: python train.py --config configs/llama1b.py --workdir runs/llama1b
 Device:  one H100 (bf16): 4 microbatches, rematerialized dots, 52 GiB of the 59 JAX takes,
-         3.08 s a step (benchmarks/results/raw/run49_fit_1b.txt).
+         3.08 s a step on random tokens (benchmarks/results/raw/run49_fit_1b.txt);
+         train.py on the embedded corpus 3.10-3.12 s (raw/run61_train_1b.txt).
 Data:    the embedded corpus; for C4 as in the papers add
          --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_dir=DIR.
 Published (POET paper, C4, its full budget): val ppl AdamW 14.73, POET-BS b=256 14.56;
