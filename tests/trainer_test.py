@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -206,6 +207,15 @@ def test_profile_steps_trace_just_those_steps(cache_dir, tmp_path, caplog):
   for bad in ("3", "4:2", "a:b", "-1:2", "1:2:3"):
     with pytest.raises(ValueError, match="train.profile_steps must be"):
       _config(cache_dir, train__profile_steps=bad)
+
+
+def test_the_loop_switches_threads_promptly_and_restores_the_interval(cache_dir, tmp_path, monkeypatch):
+  seen, write = [], metrics.MetricsLogger.write
+  monkeypatch.setattr(metrics.MetricsLogger, "write", lambda *a, **k: (seen.append(sys.getswitchinterval()), write(*a, **k)))
+  before = sys.getswitchinterval()
+  trainer.train(_config(cache_dir, steps=6), str(tmp_path))
+  assert seen and all(v == pytest.approx(trainer.LOOP_SWITCH_INTERVAL_S) for v in seen), seen
+  assert sys.getswitchinterval() == before
 
 
 def test_step_clock_times_windows_of_regular_reads():
