@@ -137,6 +137,37 @@ class BlockOuterSumBase(KernelCase):
     ])
     assert relative_error(out, want) < self.tol("float32")
 
+  def test_many_tokens_are_split_over_programs_and_their_sums_added(self, rng):
+    """A narrow layer over a train step's tokens: token ranges summed by separate programs."""
+    block, tokens = 16, 4100  # 2 blocks of one tile each: too few programs for one H100 wave
+    assert block_sizes.outer_sum_tiles(block, tokens, num_blocks=2).splits == 2
+    assert block_sizes.outer_sum_tiles(block, 2048, num_blocks=2).splits == 1  # the layer benchmark's N
+    a, g = (jnp.asarray(rng.standard_normal((2 * block, tokens)), jnp.float32) for _ in range(2))
+    perm = jnp.asarray(rng.permutation(2 * block), jnp.int32)
+    fn = lambda a, g: block_outer_sum.block_outer_sum(a, perm, g, None, block, interpret=self.interpret)
+    ref = lambda a, g: block_outer_sum.block_outer_sum_reference(a, perm, g, None, block)
+    out, vjp = jax.vjp(fn, a, g)
+    out_ref, vjp_ref = jax.vjp(ref, a, g)
+    assert relative_error(out, out_ref) < self.tol("float32")
+    cot = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    for got, want in zip(vjp(cot), vjp_ref(cot)):
+      assert relative_error(got, want) < self.tol("float32")
+    # in place, with the bfloat16 copy, as a layer's backward calls it
+    fresh = jax.ShapeDtypeStruct((3, block, block), jnp.float32)
+    copy = jax.ShapeDtypeStruct((3, block, block), jnp.bfloat16)
+    into, into_copy = block_outer_sum.block_outer_sum_into(fresh, a, perm, g, None, 1, interpret=self.interpret, copy_into=copy)
+    assert relative_error(into[1:], out_ref) < self.tol("float32")
+    np.testing.assert_array_equal(into_copy, into.astype(jnp.bfloat16))
+
+  @pytest.mark.parametrize("tokens,splits", [(100, 3), (100, 4), (37, 2)])
+  def test_uneven_token_ranges(self, rng, tokens, splits):
+    """Ranges rounded up to whole reduction steps: the last is shorter, or missing."""
+    block = 16
+    a, g = (jnp.asarray(rng.standard_normal((2 * block, tokens)), jnp.float32) for _ in range(2))
+    tiles = block_sizes.OuterSumTiles(rows=16, cols=16, depth=16, num_warps=4, splits=splits)
+    got = block_outer_sum._launch(a, None, g, None, block, self.interpret, tiles=tiles)  # pylint: disable=protected-access
+    assert relative_error(got, block_outer_sum.block_outer_sum_reference(a, None, g, None, block)) < self.tol("float32")
+
   def test_into_without_room_raises(self):
     with pytest.raises(ValueError, match="room for 2 blocks"):
       block_outer_sum.block_outer_sum_into(
@@ -303,9 +334,12 @@ def test_every_kernel_lowers_to_triton_for_an_h100(block):
     return block_outer_sum.block_outer_sum_into(out, a, p, a, None, 0, copy_into=copy)
 
   bf16_blocks = lambda q: cayley_kernel.cayley_neumann_forward(q, block, operand_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16)
+  many_tokens = jax.ShapeDtypeStruct((blocks * block, 5000), jnp.bfloat16)  # a train step's: split over programs
+  assert block_sizes.outer_sum_tiles(block, 5000, blocks).splits > 1
   for fn, args, names in (
       (rotate, (a, g, p), ("poetx_block_rotate", "poetx_block_outer_sum")),
       (two_sided_sums, (a, p), ("poetx_block_outer_sum",)),
+      (two_sided_sums, (many_tokens, p), ("poetx_block_outer_sum",)),
       (bf16_blocks, (q,), ("poetx_cayley_neumann",)),
       (cayley_fb, (q, g), ("poetx_cayley_square", "poetx_cayley_neumann", "poetx_cayley_grad2", "poetx_cayley_dq",
                            "poetx_cayley_pack")),

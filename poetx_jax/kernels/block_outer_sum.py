@@ -2,11 +2,14 @@
 
 For a rotation `rot_r = G_rᵀ x_r` the cotangent of `G_r` is `Σ_tokens x_r drot_rᵀ`
 (SPEC §4): a reduction over all tokens of `B x B` outer products per block. Each
-program owns one tile of one block's `B x B` result and streams over the tokens.
+program owns one tile of one block's `B x B` result and streams over the tokens, or,
+where a layer has too few tiles to fill the GPU and many tokens, over one range of
+them; the ranges' partial sums are then added (`block_sizes.outer_sum_tiles`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -29,7 +32,7 @@ def block_outer_sum_reference(a_DxN, perm_a, g_DxN, perm_g, block_size):
   )
 
 
-def _kernel(*refs, block, block_offset, tokens_total, tiles, gather_a, gather_g, aliased, copy):
+def _kernel(*refs, block, block_offset, tokens_total, split_tokens, tiles, gather_a, gather_g, aliased, copy):
   refs = list(refs)
   perm_a_ref = refs.pop(0) if gather_a else None
   perm_g_ref = refs.pop(0) if gather_g else None
@@ -47,15 +50,21 @@ def _kernel(*refs, block, block_offset, tokens_total, tiles, gather_a, gather_g,
   if gather_g:
     source_g = tb.load(perm_g_ref.at[source_g])
 
+  split = tb.program_id(3) if tiles.splits > 1 else 0
+  first = split * split_tokens  # this program's token range: [first, first + split_tokens)
+
   def step(k, acc):
-    tokens = k * tiles.depth + jnp.arange(tiles.depth)
+    tokens = first + k * tiles.depth + jnp.arange(tiles.depth)
     mask = (tokens < tokens_total)[None, :]
     a = tb.load(a_ref.at[source_a[:, None], tokens[None, :]], mask=mask, other=0)
     g = tb.load(g_ref.at[source_g[:, None], tokens[None, :]], mask=mask, other=0)
     return acc + tb.dot(a, g.astype(a.dtype).T)
 
-  steps = tb.cdiv(tokens_total, tiles.depth)
+  steps = split_tokens // tiles.depth
   acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((tiles.rows, tiles.cols), jnp.float32))
+  if tiles.splits > 1:  # one partial sum per token range, added by the caller
+    tb.store(o_ref.at[split, r, rows[:, None], cols[None, :]], acc)
+    return
   tb.store(o_ref.at[r + block_offset, rows[:, None], cols[None, :]], acc)
   if copy:
     tb.store(copy_ref.at[r + block_offset, rows[:, None], cols[None, :]], acc.astype(copy_ref.dtype))
@@ -80,8 +89,10 @@ def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles=None, int
     )
   if copy_into is not None and copy_into.shape != into.shape:
     raise ValueError(f"copy_into must have the result's shape {into.shape}, got {copy_into.shape}.")
-  outputs = [into] if copy_into is None else [into, copy_into]
   tiles = tiles or block_sizes.outer_sum_tiles(block_size, n, num_blocks)
+  if tiles.splits > 1:
+    return _launch_split(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles, into, block_offset, copy_into)
+  outputs = [into] if copy_into is None else [into, copy_into]
   operands = [p.astype(jnp.int32) for p in (perm_a, perm_g) if p is not None]
   aliases = {}
   for index, buffer in enumerate(outputs):
@@ -89,8 +100,9 @@ def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles=None, int
       aliases[len(operands)] = index
       operands.append(buffer)
   kernel = functools.partial(
-      _kernel, block=block_size, block_offset=block_offset, tokens_total=n, tiles=tiles,
-      gather_a=perm_a is not None, gather_g=perm_g is not None, aliased=len(aliases), copy=copy_into is not None,
+      _kernel, block=block_size, block_offset=block_offset, tokens_total=n, split_tokens=_round_up(n, tiles.depth),
+      tiles=tiles, gather_a=perm_a is not None, gather_g=perm_g is not None, aliased=len(aliases),
+      copy=copy_into is not None,
   )
   out_shape = tuple(jax.ShapeDtypeStruct(b.shape, b.dtype) for b in outputs)
   call = tb.pallas_call(
@@ -104,6 +116,43 @@ def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles=None, int
       input_output_aliases=aliases,
   )
   return call(*operands, a_DxN, g_DxN)
+
+
+def _round_up(n, multiple):
+  return -(-n // multiple) * multiple
+
+
+def _launch_split(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles, into, block_offset, copy_into):
+  """`_launch` with the tokens split over `tiles.splits` programs per tile: each writes its
+  partial sum, and one XLA fusion adds them into the result (and its copy)."""
+  d, n = a_DxN.shape
+  num_blocks = d // block_size
+  split_tokens = _round_up(-(-n // tiles.splits), tiles.depth)
+  splits = -(-n // split_tokens)  # rounding up each range can leave the last ones empty
+  tiles = dataclasses.replace(tiles, splits=splits)
+  operands = [p.astype(jnp.int32) for p in (perm_a, perm_g) if p is not None]
+  kernel = functools.partial(
+      _kernel, block=block_size, block_offset=0, tokens_total=n, split_tokens=split_tokens, tiles=tiles,
+      gather_a=perm_a is not None, gather_g=perm_g is not None, aliased=0, copy=False,
+  )
+  call = tb.pallas_call(
+      kernel,
+      grid=(num_blocks, block_size // tiles.rows, block_size // tiles.cols, splits),
+      out_shape=jax.ShapeDtypeStruct((splits, num_blocks, block_size, block_size), jnp.float32),
+      name="poetx_block_outer_sum",
+      interpret=interpret,
+      num_warps=tiles.num_warps,
+      num_stages=tiles.num_stages,
+  )
+  total = call(*operands, a_DxN, g_DxN).sum(axis=0)
+
+  def place(buffer, dtype):
+    if isinstance(buffer, jax.ShapeDtypeStruct):
+      buffer = jnp.zeros(buffer.shape, buffer.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(buffer, total.astype(dtype), block_offset, axis=0)
+
+  result = place(into, jnp.float32)
+  return result if copy_into is None else (result, place(copy_into, copy_into.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

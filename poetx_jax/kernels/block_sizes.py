@@ -57,6 +57,11 @@ class OuterSumTiles:
   depth: int  # tokens per reduction step
   num_warps: int
   num_stages: int = 2
+  splits: int = 1  # token ranges reduced by separate programs, their partial sums added after
+
+
+H100_SMS = 132
+SPLIT_MIN_TOKENS = 2048  # the fewest tokens a split reduces (32 steps of 64)
 
 
 def outer_sum_tiles(block_size: int, tokens: int, num_blocks: int | None = None) -> OuterSumTiles:
@@ -77,6 +82,14 @@ def outer_sum_tiles(block_size: int, tokens: int, num_blocks: int | None = None)
   side = min(block_size, 128)
   depth = min(64, max(16, _next_pow2(tokens)))
   programs = (num_blocks or 1 << 30) * (block_size // side) ** 2
+  if programs < H100_SMS and tokens >= 2 * SPLIT_MIN_TOKENS:
+    # A train step's tokens (131072 in a llama60m step) would stream through a narrow
+    # layer's few programs (32 at D = 512, b = 256: the outer sums ran at 98 TFLOP/s,
+    # 51.9 of a 259 ms step, raw/run60 trace), so the tokens are split over about two
+    # waves of programs, each summing its own range: the llama60m step 0.262 -> 0.231 s,
+    # llama1b's (32768 tokens a microbatch) 3.081 -> 3.090 s (raw/run65_fit_split_outer_sums.txt).
+    splits = min(-(-2 * H100_SMS // programs), tokens // SPLIT_MIN_TOKENS)
+    return OuterSumTiles(rows=side, cols=side, depth=depth, num_warps=8, num_stages=3, splits=splits)
   if side == 128 and programs <= 64:
     return OuterSumTiles(rows=64, cols=64, depth=min(128, max(16, _next_pow2(tokens))), num_warps=4, num_stages=3)
   if side == 128 and programs < 132:
