@@ -3,7 +3,7 @@
 Command: python train.py --config configs/llama60m.py --workdir runs/llama60m
 Device:  one H100 (bf16): rematerialized dots, 35 GiB of the 59 JAX takes, 0.23 s a step
          on random tokens (benchmarks/results/raw/run65_fit_split_outer_sums.txt); train.py on the
-         embedded corpus 0.235-0.239 s (raw/run66_train_60m.txt).
+         embedded corpus 0.235-0.237 s (raw/run66_train_60m.txt).
 Data:    the embedded corpus; for C4 as in the papers add
          --config.data.tfds_name=c4/en:3.1.0 --config.data.tfds_dir=DIR.
 Published (POET paper, C4, its full budget): val ppl AdamW 26.68, POET-BS b=256 25.29;

@@ -92,10 +92,17 @@ class StepProfiler:
       return
     self._steps = kept
 
-  def before(self, step: int) -> None:
-    if self._steps is not None and step == self._steps.start:
+  def before(self, step: int) -> bool:
+    """Starts the trace before the range's first step; True then (starting is not a step's time)."""
+    if self._steps is None or step != self._steps.start:
+      return False
+    try:
       jax.profiler.start_trace(self._log_dir, create_perfetto_trace=True)
-      self._running = True
+    except RuntimeError as error:  # another trace is running in this process: train on without ours
+      logger.warning("train.profile_steps: no profile, the profiler would not start (%s)", error)
+      return False
+    self._running = True
+    return True
 
   def after(self, step: int, step_metrics) -> bool:
     """Stops the trace after the range's last step; True then (writing it is not a step's time)."""

@@ -55,10 +55,13 @@ class RunConfig:
   spectrum_every: int = 0
   spectrum_layers: str = "blocks_0/attention/q_proj,blocks_0/mlp/down_proj"
   profile_steps: str = ""
+  thread_switch_interval_s: float = 1e-4
 
   def __post_init__(self):
     if self.steps <= 0:
       raise ValueError(f"train.steps must be > 0, got {self.steps}.")
+    if not self.thread_switch_interval_s >= 0:
+      raise ValueError(f"train.thread_switch_interval_s must be >= 0 (0: Python's own), got {self.thread_switch_interval_s}.")
     self.profile_range()  # raises on a malformed range
     if self.grad_accum_steps < 1 or self.global_batch_size % self.grad_accum_steps:
       raise ValueError(

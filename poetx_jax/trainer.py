@@ -202,16 +202,19 @@ def _eval_batches(config: TrainConfig):
   return data.eval_batches(config.data, batch_size=size, max_batches=config.train.eval_batches)
 
 
-# While a grain thread makes batches, each time the loop's thread gives up the GIL (in
-# a dispatch, a device_put, a device_get) it waits for Python's switch interval, 5 ms by
-# default, before it runs again: a llama60m step on one H100 took 0.28-0.30 s against
-# the compiled step's 0.262 s, and 0.266-0.270 s with 0.1 ms (raw/run62_switch_interval.txt).
-LOOP_SWITCH_INTERVAL_S = 1e-4
-
-
 @contextlib.contextmanager
-def _prompt_thread_switches(seconds: float = LOOP_SWITCH_INTERVAL_S):
-  """Python's thread switch interval set to `seconds` for the training loop, then restored."""
+def _thread_switch_interval(seconds: float):
+  """Python's thread switch interval set to `seconds` (0: left alone), then restored.
+
+  While a grain thread makes batches, each time the loop's thread gives up the GIL (in
+  a dispatch, a device_put, a device_get) it waits up to the interval, 5 ms by default,
+  to run again: a llama60m step on one H100 took 0.281-0.290 s against the compiled
+  step's 0.262 s, and 0.266-0.270 s with 0.1 ms (raw/run60_train_profile.txt,
+  run62_switch_interval.txt).
+  """
+  if not seconds:
+    yield
+    return
   previous = sys.getswitchinterval()
   sys.setswitchinterval(seconds)
   try:
@@ -240,8 +243,12 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
       from its newest readable checkpoint.
     stop_after_step: stop (after checkpointing) once this step is done, as a
       preemption would; re-running resumes. Returns None then.
+
+  While it runs, Python's thread switch interval (process-wide) is
+  `config.train.thread_switch_interval_s` (0.1 ms; 0 leaves it alone); it is
+  restored afterwards.
   """
-  with _prompt_thread_switches():
+  with _thread_switch_interval(config.train.thread_switch_interval_s):
     return _train(config, workdir, stop_after_step)
 
 
@@ -303,7 +310,8 @@ def _train(config: TrainConfig, workdir: str, stop_after_step: int | None) -> di
           log.write(step_done, record)
 
       for step in range(start, total):
-        profiler.before(step)
+        if profiler.before(step):
+          clock.restart()
         if batch is None:
           batch = sharding.device_batch(next(iterator), run.batch_sharding)
         state, step_metrics = compiled(state, batch)  # dispatch step t ...
@@ -339,13 +347,13 @@ def _train(config: TrainConfig, workdir: str, stop_after_step: int | None) -> di
       last_eval = evaluate.evaluate(run.eval_step, state.params, state.frozen, _eval_batches(config), run.batch_sharding)
       log.write(int(state.step), last_eval, kind="eval")
   finally:
-    if profiler is not None:
-      profiler.close()
-    checkpointer.close()
-    log.close()
-    close = getattr(iterator, "close", None)
-    if close is not None:
-      close()
+    with contextlib.ExitStack() as closing:  # each runs even if another raises
+      closing.callback(checkpointer.close)
+      closing.callback(log.close)
+      if hasattr(iterator, "close"):
+        closing.callback(iterator.close)
+      if profiler is not None:
+        closing.callback(profiler.close)
   return last_eval
 
 

@@ -158,10 +158,19 @@ class BlockOuterSumBase(KernelCase):
     into, into_copy = block_outer_sum.block_outer_sum_into(fresh, a, perm, g, None, 1, interpret=self.interpret, copy_into=copy)
     assert relative_error(into[1:], out_ref) < self.tol("float32")
     np.testing.assert_array_equal(into_copy, into.astype(jnp.bfloat16))
+    # into a buffer holding other blocks: those stay as they were
+    held = jnp.asarray(rng.standard_normal((4, block, block)), jnp.float32)
+    held_copy = held.astype(jnp.bfloat16)
+    again, again_copy = block_outer_sum.block_outer_sum_into(held, a, perm, g, None, 2, interpret=self.interpret, copy_into=held_copy)
+    np.testing.assert_array_equal(again[:2], held[:2])
+    np.testing.assert_array_equal(again_copy[:2], held_copy[:2])
+    assert relative_error(again[2:], out_ref) < self.tol("float32")
+    np.testing.assert_array_equal(again_copy[2:], again[2:].astype(jnp.bfloat16))
 
-  @pytest.mark.parametrize("tokens,splits", [(100, 3), (100, 4), (37, 2)])
+  @pytest.mark.parametrize("tokens,splits", [(100, 3), (100, 4), (37, 2), (10, 2), (16, 2)])
   def test_uneven_token_ranges(self, rng, tokens, splits):
-    """Ranges rounded up to whole reduction steps: the last is shorter, or missing."""
+    """Ranges rounded up to whole reduction steps: the last is shorter, or fewer ranges
+    cover the tokens (100 in 4 ranges of 32 tokens: 4; 16 in 2: one range, no split)."""
     block = 16
     a, g = (jnp.asarray(rng.standard_normal((2 * block, tokens)), jnp.float32) for _ in range(2))
     tiles = block_sizes.OuterSumTiles(rows=16, cols=16, depth=16, num_warps=4, splits=splits)

@@ -1,18 +1,17 @@
 """The training system end to end on the CPU (8 fake devices) with a small text fixture."""
 
-import glob
-import gzip
 import json
 import os
-import re
 import shutil
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import needs_8_devices
 
+from benchmarks import kernel_profile, trace_gaps
 from configs import base
 from poetx_jax import data, metrics, sharding, train_config, trainer
 
@@ -186,19 +185,11 @@ def test_scanned_blocks_train_and_merge(cache_dir, tmp_path):
   assert len(sigmas) == 3 and (max(sigmas) - min(sigmas)) / sigmas[0] < 1e-2
 
 
-def _event_names(trace_dir):
-  (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-  with gzip.open(path) as f:
-    events = json.load(f)
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  return [e.get("name", "") for e in events if e.get("ph") == "X"]
-
-
 def test_profile_steps_trace_just_those_steps(cache_dir, tmp_path, caplog):
   trainer.train(_config(cache_dir, steps=6, train__profile_steps="2:4"), str(tmp_path / "run"))
-  names = _event_names(str(tmp_path / "run" / "profile"))
-  executions = [n for n in names if re.fullmatch(r"\S+::Execute \(jit_train_step\)", n)]
-  assert len(executions) == 2, sorted(set(names))[:50]  # steps 2 and 3, not the 4 others
+  events = kernel_profile.read_trace(trace_gaps.newest_trace(str(tmp_path / "run" / "profile")))
+  executions = [e for e in events if e.get("ph") == "X" and trace_gaps.STEP_EXECUTION.fullmatch(e.get("name", ""))]
+  assert len(executions) == 2, sorted({e.get("name", "") for e in events})[:50]  # steps 2 and 3, not the 4 others
   assert len(_records(tmp_path / "run")) == 6  # and the run itself is whole
   with caplog.at_level("WARNING", logger="poetx_jax"):
     trainer.train(_config(cache_dir, steps=6, train__profile_steps="10:12"), str(tmp_path / "short"))
@@ -209,13 +200,64 @@ def test_profile_steps_trace_just_those_steps(cache_dir, tmp_path, caplog):
       _config(cache_dir, train__profile_steps=bad)
 
 
+class _FakeProfiler:
+  def __init__(self, monkeypatch, fail_start=False):
+    self.calls = []
+    def start(log_dir, **_):
+      if fail_start:
+        raise RuntimeError("a trace is already running")
+      self.calls.append("start")
+    monkeypatch.setattr(jax.profiler, "start_trace", start)
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: self.calls.append("stop"))
+
+
+def _drive(profiler, start, stop_after):
+  """The loop's calls for steps start..stop_after-1, then its `finally`; which steps ran traced."""
+  traced, running = [], False
+  for step in range(start, stop_after):
+    running = profiler.before(step) or running
+    if running:
+      traced.append(step)
+    if profiler.after(step, jnp.zeros(())):
+      running = False
+  profiler.close()
+  return traced
+
+
+@pytest.mark.parametrize("steps,start,total,stop_after,traced", [
+    ((2, 4), 0, 10, 10, [2, 3]),
+    ((2, 5), 3, 10, 10, [3, 4]),  # resumed inside the range: the rest of it
+    ((8, 20), 0, 10, 10, [8, 9]),  # past the end: stops after the last step
+    ((2, 6), 0, 10, 4, [2, 3]),  # the run stops early: the trace is closed
+])
+def test_step_profiler_traces_the_steps_that_run(monkeypatch, steps, start, total, stop_after, traced):
+  fake = _FakeProfiler(monkeypatch)
+  profiler = metrics.StepProfiler("/unused", range(*steps), start, total)
+  assert _drive(profiler, start, stop_after) == traced
+  assert fake.calls == ["start", "stop"]
+
+
+def test_step_profiler_trains_on_when_another_trace_runs(monkeypatch, caplog):
+  fake = _FakeProfiler(monkeypatch, fail_start=True)
+  with caplog.at_level("WARNING", logger="poetx_jax"):
+    assert _drive(metrics.StepProfiler("/unused", range(1, 3), 0, 5), 0, 5) == []
+  assert fake.calls == [] and "no profile" in caplog.text
+
+
 def test_the_loop_switches_threads_promptly_and_restores_the_interval(cache_dir, tmp_path, monkeypatch):
   seen, write = [], metrics.MetricsLogger.write
   monkeypatch.setattr(metrics.MetricsLogger, "write", lambda *a, **k: (seen.append(sys.getswitchinterval()), write(*a, **k)))
   before = sys.getswitchinterval()
-  trainer.train(_config(cache_dir, steps=6), str(tmp_path))
-  assert seen and all(v == pytest.approx(trainer.LOOP_SWITCH_INTERVAL_S) for v in seen), seen
+  config = _config(cache_dir, steps=6)
+  trainer.train(config, str(tmp_path))
+  assert seen and all(v == pytest.approx(config.train.thread_switch_interval_s) for v in seen), seen
   assert sys.getswitchinterval() == before
+  monkeypatch.setattr(trainer, "build", lambda config: 1 / 0)  # a run that fails restores it too
+  with pytest.raises(ZeroDivisionError):
+    trainer.train(config, str(tmp_path / "failed"))
+  assert sys.getswitchinterval() == before
+  with pytest.raises(ValueError, match="thread_switch_interval_s must be >= 0"):
+    _config(cache_dir, train__thread_switch_interval_s=-1.0)
 
 
 def test_step_clock_times_windows_of_regular_reads():

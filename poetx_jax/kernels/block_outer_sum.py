@@ -90,69 +90,56 @@ def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles=None, int
   if copy_into is not None and copy_into.shape != into.shape:
     raise ValueError(f"copy_into must have the result's shape {into.shape}, got {copy_into.shape}.")
   tiles = tiles or block_sizes.outer_sum_tiles(block_size, n, num_blocks)
-  if tiles.splits > 1:
-    return _launch_split(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles, into, block_offset, copy_into)
-  outputs = [into] if copy_into is None else [into, copy_into]
+  # Token ranges of whole reduction steps; recounted, as rounding each range up can
+  # cover all tokens with fewer (then none is empty).
+  split_tokens = tb.cdiv(tb.cdiv(n, tiles.splits), tiles.depth) * tiles.depth
+  tiles = dataclasses.replace(tiles, splits=tb.cdiv(n, split_tokens))
   operands = [p.astype(jnp.int32) for p in (perm_a, perm_g) if p is not None]
+  grid = (num_blocks, block_size // tiles.rows, block_size // tiles.cols)
+  if tiles.splits > 1:  # one partial sum per range, written to a fresh buffer
+    outputs = [jax.ShapeDtypeStruct((tiles.splits, num_blocks, block_size, block_size), jnp.float32)]
+    grid += (tiles.splits,)
+  else:  # the result itself, and its copy, in place where given
+    outputs = [into] if copy_into is None else [into, copy_into]
   aliases = {}
   for index, buffer in enumerate(outputs):
     if not isinstance(buffer, jax.ShapeDtypeStruct):
       aliases[len(operands)] = index
       operands.append(buffer)
+  copy = copy_into is not None and tiles.splits == 1
   kernel = functools.partial(
-      _kernel, block=block_size, block_offset=block_offset, tokens_total=n, split_tokens=_round_up(n, tiles.depth),
-      tiles=tiles, gather_a=perm_a is not None, gather_g=perm_g is not None, aliased=len(aliases),
-      copy=copy_into is not None,
+      _kernel, block=block_size, block_offset=block_offset if tiles.splits == 1 else 0, tokens_total=n,
+      split_tokens=split_tokens,
+      tiles=tiles, gather_a=perm_a is not None, gather_g=perm_g is not None, aliased=len(aliases), copy=copy,
   )
   out_shape = tuple(jax.ShapeDtypeStruct(b.shape, b.dtype) for b in outputs)
   call = tb.pallas_call(
       kernel,
-      grid=(num_blocks, block_size // tiles.rows, block_size // tiles.cols),
-      out_shape=out_shape if copy_into is not None else out_shape[0],
+      grid=grid,
+      out_shape=out_shape if len(out_shape) > 1 else out_shape[0],
       name="poetx_block_outer_sum",
       interpret=interpret,
       num_warps=tiles.num_warps,
       num_stages=tiles.num_stages,
       input_output_aliases=aliases,
   )
-  return call(*operands, a_DxN, g_DxN)
+  result = call(*operands, a_DxN, g_DxN)
+  if tiles.splits == 1:
+    return result
+  return _add_partials(result, into, block_offset, copy_into)
 
 
-def _round_up(n, multiple):
-  return -(-n // multiple) * multiple
+def _add_partials(partials_SxRxBxB, into, block_offset, copy_into):
+  """The ranges' partial sums added (one XLA fusion) into blocks `block_offset…` of
+  `into` and of `copy_into`; a `ShapeDtypeStruct` gets a zeroed buffer."""
+  total_RxBxB = partials_SxRxBxB.sum(axis=0)
 
-
-def _launch_split(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles, into, block_offset, copy_into):
-  """`_launch` with the tokens split over `tiles.splits` programs per tile: each writes its
-  partial sum, and one XLA fusion adds them into the result (and its copy)."""
-  d, n = a_DxN.shape
-  num_blocks = d // block_size
-  split_tokens = _round_up(-(-n // tiles.splits), tiles.depth)
-  splits = -(-n // split_tokens)  # rounding up each range can leave the last ones empty
-  tiles = dataclasses.replace(tiles, splits=splits)
-  operands = [p.astype(jnp.int32) for p in (perm_a, perm_g) if p is not None]
-  kernel = functools.partial(
-      _kernel, block=block_size, block_offset=0, tokens_total=n, split_tokens=split_tokens, tiles=tiles,
-      gather_a=perm_a is not None, gather_g=perm_g is not None, aliased=0, copy=False,
-  )
-  call = tb.pallas_call(
-      kernel,
-      grid=(num_blocks, block_size // tiles.rows, block_size // tiles.cols, splits),
-      out_shape=jax.ShapeDtypeStruct((splits, num_blocks, block_size, block_size), jnp.float32),
-      name="poetx_block_outer_sum",
-      interpret=interpret,
-      num_warps=tiles.num_warps,
-      num_stages=tiles.num_stages,
-  )
-  total = call(*operands, a_DxN, g_DxN).sum(axis=0)
-
-  def place(buffer, dtype):
+  def place(buffer):
     if isinstance(buffer, jax.ShapeDtypeStruct):
       buffer = jnp.zeros(buffer.shape, buffer.dtype)
-    return jax.lax.dynamic_update_slice_in_dim(buffer, total.astype(dtype), block_offset, axis=0)
+    return jax.lax.dynamic_update_slice_in_dim(buffer, total_RxBxB.astype(buffer.dtype), block_offset, axis=0)
 
-  result = place(into, jnp.float32)
-  return result if copy_into is None else (result, place(copy_into, copy_into.dtype))
+  return place(into) if copy_into is None else (place(into), place(copy_into))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

@@ -8,6 +8,7 @@ under 64 leaves room for operands and pipelining on an H100 (255 regs/thread max
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -84,15 +85,16 @@ def outer_sum_tiles(block_size: int, tokens: int, num_blocks: int | None = None)
   programs = (num_blocks or 1 << 30) * (block_size // side) ** 2
   if programs < H100_SMS and tokens >= 2 * SPLIT_MIN_TOKENS:
     # A train step's tokens (131072 in a llama60m step) would stream through a narrow
-    # layer's few programs (32 at D = 512, b = 256: the outer sums ran at 98 TFLOP/s,
-    # 51.9 of a 259 ms step, raw/run60 trace), so the tokens are split over about two
+    # layer's few programs (32 at D = 512, b = 256: the outer sums took 52 of a 259 ms
+    # step, more than the rotations, raw/run60_trace_gaps.txt), so the tokens are split over about two
     # waves of programs, each summing its own range: the llama60m step 0.262 -> 0.231 s,
     # llama1b's (32768 tokens a microbatch) 3.081 -> 3.090 s (raw/run65_fit_split_outer_sums.txt).
-    splits = min(-(-2 * H100_SMS // programs), tokens // SPLIT_MIN_TOKENS)
+    # These tiles are the 128 x 128 ones of wide layers; not swept for this case.
+    splits = min(math.ceil(2 * H100_SMS / programs), tokens // SPLIT_MIN_TOKENS)
     return OuterSumTiles(rows=side, cols=side, depth=depth, num_warps=8, num_stages=3, splits=splits)
   if side == 128 and programs <= 64:
     return OuterSumTiles(rows=64, cols=64, depth=min(128, max(16, _next_pow2(tokens))), num_warps=4, num_stages=3)
-  if side == 128 and programs < 132:
+  if side == 128 and programs < H100_SMS:
     return OuterSumTiles(rows=side, cols=side, depth=depth, num_warps=8, num_stages=4)
   return OuterSumTiles(rows=side, cols=side, depth=depth, num_warps=8, num_stages=3)
 

@@ -154,16 +154,36 @@ _REMAT_POLICIES = {
 }
 
 
+@jax.custom_vjp
+def gather_rows(table_VxD: jax.Array, tokens: jax.Array) -> jax.Array:
+  """`table[tokens]` whose gradient is summed in float32, then cast to the table's dtype."""
+  return jnp.take(table_VxD, tokens, axis=0)
+
+
+def _gather_rows_fwd(table_VxD, tokens):
+  return gather_rows(table_VxD, tokens), (table_VxD, tokens)  # the table by reference, for its shape and dtype
+
+
+def _gather_rows_bwd(residuals, cotangent):
+  table_VxD, tokens = residuals
+  grad_VxD = jnp.zeros(table_VxD.shape, jnp.float32).at[tokens].add(cotangent.astype(jnp.float32))
+  return grad_VxD.astype(table_VxD.dtype), None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
 class Embed(nn.Module):
-  """Token embedding that gathers rows in the table's dtype, then casts them.
+  """Token embedding whose gradient is a float32 scatter-add, whatever the dtypes.
 
   `nn.Embed` casts the whole table to `dtype` before its gather, so with a float32
-  table and bfloat16 activations its gradient is a bfloat16 scatter-add, which the
-  GPU does with compare-and-swap loops that serialize on repeated tokens: on real
-  text that one scatter took 100–153 ms of a 0.36–0.41 s llama60m step on the H100,
-  against almost nothing on uniformly random tokens
-  (`benchmarks/results/raw/run59_train_profile.txt`). Gathering first makes the
-  gradient a float32 scatter-add. Same parameter (`embedding`) and forward values.
+  table and bfloat16 activations (and with a bfloat16 table) its gradient is a
+  bfloat16 scatter-add, which the GPU does with compare-and-swap loops that serialize
+  on repeated tokens: on real text that one scatter took 100–153 ms of a llama60m step
+  on the H100, whose GPU-busy time was 359–412 ms and is 259 ms without it
+  (`benchmarks/results/raw/run59_trace_gaps.txt`, `run60_trace_gaps.txt`). Here the
+  rows are gathered first and then cast, and their gradient is summed in float32
+  whatever the dtypes, then cast to the table's. Same parameter and forward values.
   """
 
   num_embeddings: int
@@ -175,7 +195,10 @@ class Embed(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
     table_VxD = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features), self.param_dtype)
-    return jnp.take(table_VxD, tokens, axis=0).astype(self.dtype)
+    # Gathered in the wider of the two dtypes, so a float32 computation's cotangent is
+    # not rounded to a bfloat16 table's dtype before it is summed.
+    wide = jnp.promote_types(table_VxD.dtype, self.dtype)
+    return gather_rows(table_VxD.astype(wide), tokens).astype(self.dtype)
 
 
 class Llama(nn.Module):
