@@ -161,13 +161,15 @@ def gather_rows(table_VxD: jax.Array, tokens: jax.Array) -> jax.Array:
 
 
 def _gather_rows_fwd(table_VxD, tokens):
-  return gather_rows(table_VxD, tokens), (table_VxD, tokens)  # the table by reference, for its shape and dtype
+  # Not the table itself: an empty row of its shape and dtype (a cast table would be kept alive).
+  return gather_rows(table_VxD, tokens), (tokens, jnp.zeros((table_VxD.shape[0], 0), table_VxD.dtype))
 
 
 def _gather_rows_bwd(residuals, cotangent):
-  table_VxD, tokens = residuals
-  grad_VxD = jnp.zeros(table_VxD.shape, jnp.float32).at[tokens].add(cotangent.astype(jnp.float32))
-  return grad_VxD.astype(table_VxD.dtype), None
+  tokens, like_Vx0 = residuals
+  rows, features = like_Vx0.shape[0], cotangent.shape[-1]
+  grad_VxD = jnp.zeros((rows, features), jnp.float32).at[tokens].add(cotangent.astype(jnp.float32))
+  return grad_VxD.astype(like_Vx0.dtype), None
 
 
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
