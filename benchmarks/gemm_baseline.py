@@ -141,12 +141,11 @@ def main(argv=None):
   parser.add_argument("--tokens", type=int, default=2048)
   parser.add_argument("--mosaic", type=int, default=0, help="instead: try this many Mosaic GPU matmul tilings")
   args = parser.parse_args(argv)
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, N={args.tokens}", flush=True)
   if args.mosaic:
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, N={args.tokens}", flush=True)
     for shape in args.shapes.split(","):
       compare_mosaic(shape, args.tokens, args.mosaic)
     return
-  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, N={args.tokens}", flush=True)
   for shape in args.shapes.split(","):
     d_in, d_out = (int(s) for s in shape.split("x"))
     sets = []
