@@ -24,8 +24,9 @@ from poetx_jax.kernels import cayley_neumann as cn
 C = block_sizes.CayleyTiles
 TILINGS = {
     "float32": (C(128, 64, 8, 2), C(64, 64, 4, 2)),
-    "bfloat16": (C(128, 64, 8, 3), C(128, 64, 8, 4), C(128, 32, 8, 4), C(64, 64, 4, 3), C(64, 64, 4, 4),
-                 C(128, 64, 4, 3), C(128, 64, 8, 3, cols=256)),
+    "bfloat16": (C(64, 64, 4, 3, one_loop=True), C(64, 64, 4, 3), C(64, 64, 4, 4), C(64, 64, 4, 3, cols=128),
+                 C(64, 64, 4, 4, cols=128), C(128, 64, 8, 3, one_loop=True), C(128, 64, 8, 3), C(128, 64, 8, 4),
+                 C(128, 64, 8, 3, cols=256), C(128, 32, 8, 4, cols=256)),
 }
 CASES = ((256, 72), (256, 320), (512, 36), (512, 160))
 
@@ -89,7 +90,8 @@ def main(argv=None):
         d = jnp.dtype(dtype)
         fwd = jax.jit(lambda q, g, t=tiles, d=d: cn._forward(q, block, d, None, False, t, keep_state=True))  # pylint: disable=protected-access
         bwd = jax.jit(lambda q, g, state, t=tiles, d=d: cn._backward(q, g, block, d, None, False, t, state=state))  # pylint: disable=protected-access
-        label = f"{dtype:<8} tile {tiles.side:>3}x{tiles.width:<3} depth {tiles.depth:<3} w{tiles.num_warps} s{tiles.num_stages}"
+        loops = " one loop" if tiles.one_loop else ""
+        label = f"{dtype:<8} tile {tiles.side:>3}x{tiles.width:<3} depth {tiles.depth:<3} w{tiles.num_warps} s{tiles.num_stages}{loops}"
         try:
           with_state = [(q, g, fwd(q, g)[1]) for q, g in sets]
           f_us, b_us = kernel_profile.device_us(fwd, sets), kernel_profile.device_us(bwd, with_state)

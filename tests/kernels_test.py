@@ -244,6 +244,32 @@ class CayleyNeumannBase(KernelCase):
     with pytest.raises(ValueError, match="dg_operand"):
       cayley_kernel.cayley_neumann_backward(q, dg, block, dg_operand=dg, **kw)
 
+  @pytest.mark.parametrize("tiles", [
+      block_sizes.CayleyTiles(side=16, depth=16, num_warps=4, one_loop=True),
+      block_sizes.CayleyTiles(side=16, depth=16, num_warps=4),
+      block_sizes.CayleyTiles(side=16, depth=16, num_warps=4, cols=32),
+  ], ids=["one_loop", "two_loops", "16x32"])
+  def test_every_backward_tiling_gives_the_reference_gradient(self, rng, tiles):
+    """The two-product kernels summed in one loop or two, over square or wide tiles."""
+    block, blocks = 32, 2
+    q = jnp.asarray(0.2 * rng.standard_normal((blocks, skew.packed_size(block))), jnp.float32)
+    dg = jnp.asarray(rng.standard_normal((blocks, block, block)), jnp.float32)
+    highest = jax.lax.Precision.HIGHEST
+    got = cayley_kernel._backward(q, dg, block, jnp.dtype(jnp.float32), highest, self.interpret, tiles)  # pylint: disable=protected-access
+    with jax.default_matmul_precision("highest"):
+      _, vjp_ref = jax.vjp(lambda v: cayley.cayley_neumann_reference(v, block, 3), q)
+      want = vjp_ref(dg)[0]
+    assert relative_error(got, want) < 2e-5
+
+  def test_tiles_chosen_for_bfloat16_operands(self):
+    """The measured rule (run 72): 64 x 64 forward tiles, 64 x 128 two-loop backward tiles
+    from b = 128 on, float32 operands in one loop (as last swept)."""
+    assert block_sizes.cayley_tiles(512, "bfloat16", 36).width == 64
+    backward = block_sizes.cayley_tiles(512, "bfloat16", 36, backward=True)
+    assert (backward.side, backward.width, backward.one_loop) == (64, 128, False)
+    assert block_sizes.cayley_tiles(64, "bfloat16", backward=True).width == 64
+    assert block_sizes.cayley_tiles(256, "float32", backward=True).one_loop
+
   @pytest.mark.parametrize("num_blocks", [1, 600])
   def test_unpacking_tiles_build_the_skew_blocks(self, rng, num_blocks):
     """Both tilings `cayley_skew_tiles` picks (32 x 32; 64 x 128 for many blocks) write exactly `Q`."""

@@ -106,41 +106,48 @@ class CayleyTiles:
   num_warps: int
   num_stages: int = 2  # software-pipelined loads of the reduction loop
   cols: int = 0  # output tile columns; 0: square tiles
+  one_loop: bool = False  # a sum of two products in one loop (four operand tiles a stage), not two
 
   @property
   def width(self) -> int:
     return self.cols or self.side
 
 
-def cayley_tiles(block_size: int, operand_dtype="float32", num_blocks: int | None = None) -> CayleyTiles:
-  """Tiles of the unpack / square / Neumann / ∇2 / dense dQ kernels.
+def cayley_tiles(
+    block_size: int, operand_dtype="float32", num_blocks: int | None = None, backward: bool = False
+) -> CayleyTiles:
+  """Tiles of the product kernels: unpack / square / Neumann (forward), ∇2 / dense dQ (`backward`).
 
-  Measured on the H100 (benchmarks/cayley_sweep.py; benchmarks/results/raw/run10_cayley_sweep.txt):
-  128 x 128 float32 outputs over 8 warps (64 registers per thread) with a reduction
-  depth of 64 were fastest or within 1% for bfloat16 operands at b = 256 (72 and 320
-  blocks) and b = 512 (64 and 160 blocks). bfloat16 operands fit a third pipeline stage (forward+backward
-  0.845 against 0.879 ms at b = 256 x 320 blocks); float32 ones do not (the dQ kernel
-  asks for 288 KiB of shared memory). 128 x 256 tiles lost everywhere
-(raw/run12_cayley_rect_sweep.txt: 1154 against 869 µs at b = 256 x 320 blocks) or did
-not fit in shared memory. Small blocks use one tile.
+  bfloat16 operands (what a bf16 layer uses), measured on the H100 with
+  `benchmarks/cayley_sweep.py` (raw/run72_cayley_sweep.txt, device µs, forward /
+  backward as the `fast` layer runs them): 64 x 64 tiles over 4 warps with three
+  stages were the fastest forward at b = 256 x 72 and 320 blocks and b = 512 x 36 and
+  160 blocks, or within 1% (60.6, 236.5, 134.7, 525.0 µs; 128 x 128 tiles: 75.1,
+  275.2, 151.9, 577.1). The backward's kernels each sum two products (`dG·Q + Q·dG`,
+  `L·Q2 + M·∇2`); run as two loops into one accumulator (`one_loop=False`), their
+  stages hold two operand tiles instead of four, and 64 x 128 tiles won at every case
+  or were within 1% (86.7, 357.2, 194.8, 796.5 µs, against 97.7, 371.7, 221.0, 846.4
+  for the one-loop 64 x 64 / 128 x 128 tiles used before). Forward and backward
+  together: 157.6 -> 147.3 µs at b = 256 x 72, 354.4 -> 329.5 at b = 512 x 36,
+  646.6 -> 593.7 at b = 256 x 320, 1424.9 -> 1321.5 at b = 512 x 160. 128 x 256 tiles
+  lost everywhere (forward 178.8 against 60.6 µs at b = 256 x 72). Earlier sweeps
+  (run 10, 22) had 128 x 128 tiles winning beyond 640 such programs; that was before
+  the product loops only loaded and multiplied, and before the split loops.
 
-  Since the product loops only load and multiply (raw/run22_cayley_sweep.txt), 64 x 64
-  bfloat16 tiles over 4 warps win where 128 x 128 tiles would give few programs per
-  multiprocessor: 163.7 against 181.5 µs forward+backward at b = 256 x 72 blocks (288
-  programs of 128 x 128), 359.1 against 375.8 µs at b = 512 x 36 (576 programs); at
-  b = 256 x 320 (1280 programs) they lost by 35% (run 10). Hence 64 x 64 up to 640 such
-  programs (about five per multiprocessor). A fourth stage lost or did not fit.
+  float32 operands (not swept since run 10, raw/run10_cayley_sweep.txt): 128 x 128
+  outputs over 8 warps, depth 32, two stages, one loop (a third stage asked for
+  288 KiB of shared memory). 128 x 64 float32 steps were 3% faster there, but the
+  compiled kernel tests failed with them at b = 128 and 256 (raw/run13_gpu_tests.txt;
+  the cause was not established), and passed with depth 32. Small blocks use one tile.
   """
+  del num_blocks  # no longer decides: the same tiles won from 36 to 320 blocks
   side = min(block_size, 128)
   if np.dtype(operand_dtype).itemsize == 2:
-    programs_of_128 = (num_blocks or 1 << 30) * max(1, block_size // 128) ** 2
-    if side == 128 and programs_of_128 <= 640:
-      return CayleyTiles(side=64, depth=64, num_warps=4, num_stages=3)
-    return CayleyTiles(side=side, depth=min(64, block_size), num_warps=8 if side >= 128 else 4, num_stages=3)
-  # float32 keeps depth 32: 128 x 64 float32 steps were 3% faster in the sweep, but the
-  # compiled kernel tests failed with them at b = 128 and 256 (raw/run13_gpu_tests.txt;
-  # the cause was not established), and passed with depth 32.
-  return CayleyTiles(side=side, depth=min(32, block_size), num_warps=8 if side >= 128 else 4)
+    side = min(block_size, 64)
+    if backward and block_size >= 128:
+      return CayleyTiles(side=side, depth=64, num_warps=4, num_stages=3, cols=128)
+    return CayleyTiles(side=side, depth=side, num_warps=4, num_stages=3)
+  return CayleyTiles(side=side, depth=min(32, block_size), num_warps=8 if side >= 128 else 4, one_loop=True)
 
 
 def cayley_skew_tiles(block_size: int, num_blocks: int | None = None) -> CayleyTiles:

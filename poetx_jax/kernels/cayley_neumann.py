@@ -83,14 +83,30 @@ def _f32(ref_at):
   return tb.load(ref_at).astype(jnp.float32)
 
 
-def _reduce(tiles, block, step):
-  """`Σ_k step(k)` over the block's inner dimension, a `side x width` float32 tile."""
-  init = jnp.zeros((tiles.side, tiles.width), jnp.float32)
-  return jax.lax.fori_loop(0, block // tiles.depth, lambda k, acc: acc + step(k), init)
+def _reduce(tiles, block, *steps):
+  """`Σ_s Σ_k step_s(k)` over the block's inner dimension, a `side x width` float32 tile.
+
+  A sum of two products runs as two loops, one after the other, into one accumulator:
+  each loop's pipeline stages then hold two operand tiles, not four, which leaves
+  shared memory for wider tiles or deeper pipelines.
+  """
+  acc = jnp.zeros((tiles.side, tiles.width), jnp.float32)
+  loops = [lambda k: sum(step(k) for step in steps)] if tiles.one_loop else steps
+  for step in loops:
+    acc = jax.lax.fori_loop(0, block // tiles.depth, lambda k, acc, step=step: acc + step(k), acc)
+  return acc
 
 
 def _inner(k, tiles):
   return k * tiles.depth + jnp.arange(tiles.depth)
+
+
+def _product(a_ref, b_ref, r, i, j, tiles, precision):
+  """The step `k` of `A_r[i, :]·B_r[:, j]`: one `depth`-wide slice of the inner dimension."""
+  def step(k):
+    inner = _inner(k, tiles)
+    return tb.dot(tb.load(a_ref.at[r, i, inner[None, :]]), tb.load(b_ref.at[r, inner[:, None], j]), precision)
+  return step
 
 
 def _square_kernel(q_ref, q2_ref, *poly_refs, block, tiles, precision, signs):
@@ -98,11 +114,7 @@ def _square_kernel(q_ref, q2_ref, *poly_refs, block, tiles, precision, signs):
   r = tb.program_id(2)
   i, j = _tile_indices(tiles)
 
-  def step(k):
-    inner = _inner(k, tiles)
-    return tb.dot(tb.load(q_ref.at[r, i, inner[None, :]]), tb.load(q_ref.at[r, inner[:, None], j]), precision)
-
-  q2 = _reduce(tiles, block, step)
+  q2 = _reduce(tiles, block, _product(q_ref, q_ref, r, i, j, tiles, precision))
   tb.store(q2_ref.at[r, i, j], q2.astype(q2_ref.dtype))
   q = _f32(q_ref.at[r, i, j])
   for sign, poly_ref in zip(signs, poly_refs):
@@ -114,11 +126,7 @@ def _neumann_kernel(packed_ref, q2_ref, p_ref, o_ref, *, block, tiles, precision
   r = tb.program_id(2)
   i, j = _tile_indices(tiles)
 
-  def step(k):
-    inner = _inner(k, tiles)
-    return tb.dot(tb.load(q2_ref.at[r, i, inner[None, :]]), tb.load(p_ref.at[r, inner[:, None], j]), precision)
-
-  acc = _reduce(tiles, block, step)
+  acc = _reduce(tiles, block, _product(q2_ref, p_ref, r, i, j, tiles, precision))
   # 2Q from the packed float32 vector: bfloat16 operands round only the Q² terms.
   exact_q = _skew_tile(packed_ref, r, i, j, block)
   g = acc + 2.0 * (exact_q + _f32(q2_ref.at[r, i, j])) + jnp.where(i == j, 1.0, 0.0)
@@ -130,14 +138,8 @@ def _grad2_kernel(q_ref, dg_ref, dg32_ref, g2_ref, l_ref, *, block, tiles, preci
   r = tb.program_id(2)
   i, j = _tile_indices(tiles)
 
-  def step(k):
-    inner = _inner(k, tiles)
-    row_k, col_k = inner[None, :], inner[:, None]
-    return tb.dot(tb.load(dg_ref.at[r, i, row_k]), tb.load(q_ref.at[r, col_k, j]), precision) + tb.dot(
-        tb.load(q_ref.at[r, i, row_k]), tb.load(dg_ref.at[r, col_k, j]), precision
-    )
-
-  g2 = -_reduce(tiles, block, step)
+  g2 = -_reduce(tiles, block, _product(dg_ref, q_ref, r, i, j, tiles, precision),
+                 _product(q_ref, dg_ref, r, i, j, tiles, precision))
   tb.store(g2_ref.at[r, i, j], g2.astype(g2_ref.dtype))
   tb.store(l_ref.at[r, i, j], (g2 + 2.0 * tb.load(dg32_ref.at[r, i, j])).astype(l_ref.dtype))
 
@@ -147,14 +149,8 @@ def _dense_dq_kernel(l_ref, q2_ref, m_ref, g2_ref, dg32_ref, o_ref, *, block, ti
   r = tb.program_id(2)
   i, j = _tile_indices(tiles)
 
-  def step(k):
-    inner = _inner(k, tiles)
-    row_k, col_k = inner[None, :], inner[:, None]
-    return tb.dot(tb.load(l_ref.at[r, i, row_k]), tb.load(q2_ref.at[r, col_k, j]), precision) + tb.dot(
-        tb.load(m_ref.at[r, i, row_k]), tb.load(g2_ref.at[r, col_k, j]), precision
-    )
-
-  acc = _reduce(tiles, block, step)
+  acc = _reduce(tiles, block, _product(l_ref, q2_ref, r, i, j, tiles, precision),
+                _product(m_ref, g2_ref, r, i, j, tiles, precision))
   tb.store(o_ref.at[r, i, j], acc + 2.0 * (tb.load(dg32_ref.at[r, i, j]) + _f32(g2_ref.at[r, i, j])))
 
 
@@ -227,10 +223,13 @@ def _pack(dq_RxBxB, block, interpret, tiles=None):
 
 
 def _backward(q_RxE, dg_RxBxB, block, operand_dtype, precision, interpret, tiles=None, state=None, dg_operand=None):
-  tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype, q_RxE.shape[0])
+  """`tiles`: for every kernel here (a sweep's); None: the forward's tiles for the
+  recomputed `Q`, `Q2`, `M` and the backward's for the two-product kernels."""
   r = q_RxE.shape[0]
   if state is None:
-    state = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, tiles, (-1,))
+    square_tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype, r)
+    state = _skew_and_square(q_RxE, block, operand_dtype, precision, interpret, square_tiles, (-1,))
+  tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype, r, backward=True)
   q, q2, m = state
   if dg_operand is None:
     dg_operand = dg_RxBxB.astype(operand_dtype)
