@@ -7,6 +7,11 @@ is the file as shipped): the train step as `train.py` builds it, on random token
 of the config's batch shape. It prints the compiled step's memory need against what
 the device gives JAX (the trainer's own check, `trainer.check_fits`) and, where it
 fits, the median wall time of a few steps, tokens/s per device and MFU.
+
+The configs run one after another in one process. With
+`XLA_PYTHON_CLIENT_PREALLOCATE=false` the allocator keeps the regions a smaller config
+took, and a larger one after it can fail to find room (llama1b after llama60m did,
+raw/run74_fit.txt): measure such configs in separate runs, or with preallocation on.
 """
 
 from __future__ import annotations
