@@ -26,6 +26,10 @@ ROTATIONS = (
     R(rows=128, tokens=64, depth=64, num_warps=4, num_stages=3),
     R(rows=256, tokens=64, depth=64, num_warps=8, num_stages=3),
     R(rows=128, tokens=256, depth=32, num_warps=8, num_stages=3),
+    # 64-row tiles over 4 warps, which won for the Cayley map's products (raw/run72_cayley_sweep.txt).
+    R(rows=64, tokens=128, depth=64, num_warps=4, num_stages=3),
+    R(rows=64, tokens=128, depth=64, num_warps=4, num_stages=4),
+    R(rows=64, tokens=256, depth=64, num_warps=8, num_stages=3),
 )
 O = block_sizes.OuterSumTiles
 OUTER_SUMS = (

@@ -45,7 +45,9 @@ def rotation_tiles(block_size: int, tokens: int) -> RotationTiles:
   b = 256, and its b = 512 tiles did not fit in shared memory (raw/run39_stationary_sweep.txt).
   Nor did programs walking several token tiles in one flattened loop, so the next tile's
   loads could be pipelined behind the last products: 76–90 µs at D = 14336, b = 256
-  (raw/run44_persistent_sweep.txt).
+  (raw/run44_persistent_sweep.txt). Nor did 64-row tiles over 4 warps, which won for the
+  Cayley map's products (raw/run76_rotation_sweep.txt): 66.3 / 62.3 against 61.6 / 57.6 µs
+  at D = 14336, b = 256; 113.2 / 98.3 against 93.0 / 83.3 at b = 512.
   """
   token_tile = min(128, max(16, _next_pow2(tokens)))
   return RotationTiles(rows=min(block_size, 128), tokens=token_tile, depth=min(64, block_size), num_warps=8, num_stages=3)
