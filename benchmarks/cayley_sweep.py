@@ -23,7 +23,8 @@ from poetx_jax.kernels import cayley_neumann as cn
 
 C = block_sizes.CayleyTiles
 TILINGS = {
-    "float32": (C(128, 64, 8, 2), C(64, 64, 4, 2)),
+    "float32": (C(128, 32, 8, 2, one_loop=True), C(128, 32, 8, 2), C(128, 32, 8, 3), C(64, 32, 4, 3),
+                C(64, 64, 4, 2), C(64, 64, 4, 3), C(64, 32, 4, 3, cols=128)),
     "bfloat16": (C(64, 64, 4, 3, one_loop=True), C(64, 64, 4, 3), C(64, 64, 4, 4), C(64, 64, 4, 3, cols=128),
                  C(64, 64, 4, 4, cols=128), C(128, 64, 8, 3, one_loop=True), C(128, 64, 8, 3), C(128, 64, 8, 4),
                  C(128, 64, 8, 3, cols=256), C(128, 32, 8, 4, cols=256)),

@@ -261,14 +261,16 @@ class CayleyNeumannBase(KernelCase):
       want = vjp_ref(dg)[0]
     assert relative_error(got, want) < 2e-5
 
-  def test_tiles_chosen_for_bfloat16_operands(self):
-    """The measured rule (run 72): 64 x 64 forward tiles, 64 x 128 two-loop backward tiles
-    from b = 128 on, float32 operands in one loop (as last swept)."""
+  def test_tiles_chosen_per_operand_dtype(self):
+    """The measured rule (runs 72, 77): 64 x 64 tiles, the backward's two-product kernels in
+    two loops; bfloat16 backward tiles 64 x 128 from b = 128 on; float32 depth 32."""
     assert block_sizes.cayley_tiles(512, "bfloat16", 36).width == 64
     backward = block_sizes.cayley_tiles(512, "bfloat16", 36, backward=True)
     assert (backward.side, backward.width, backward.one_loop) == (64, 128, False)
     assert block_sizes.cayley_tiles(64, "bfloat16", backward=True).width == 64
-    assert block_sizes.cayley_tiles(256, "float32", backward=True).one_loop
+    f32 = block_sizes.cayley_tiles(256, "float32", backward=True)
+    assert (f32.side, f32.width, f32.depth, f32.one_loop) == (64, 64, 32, False)
+    assert block_sizes.cayley_tiles(16, "float32").side == 16
 
   @pytest.mark.parametrize("num_blocks", [1, 600])
   def test_unpacking_tiles_build_the_skew_blocks(self, rng, num_blocks):

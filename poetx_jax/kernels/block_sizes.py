@@ -136,20 +136,22 @@ def cayley_tiles(
   (run 10, 22) had 128 x 128 tiles winning beyond 640 such programs; that was before
   the product loops only loaded and multiplied, and before the split loops.
 
-  float32 operands (not swept since run 10, raw/run10_cayley_sweep.txt): 128 x 128
-  outputs over 8 warps, depth 32, two stages, one loop (a third stage asked for
-  288 KiB of shared memory). 128 x 64 float32 steps were 3% faster there, but the
-  compiled kernel tests failed with them at b = 128 and 256 (raw/run13_gpu_tests.txt;
-  the cause was not established), and passed with depth 32. Small blocks use one tile.
+  float32 operands (TF32 products; raw/run77_cayley_sweep_f32.txt): 64 x 64 tiles over
+  4 warps, depth 32, three stages, the backward in two loops, for both directions:
+  forward + backward 300.9 against 435.3 µs at b = 256 x 72, 999.2 against 1235.9 at
+  b = 512 x 36, 1244.1 against 1477.4 at b = 256 x 320 for the 128 x 128, depth-32,
+  two-stage, one-loop tiles used since run 10. 64 x 128 float32 tiles lost by 50%.
+  Depth stays 32: 128 x 64 float32 steps failed the compiled kernel tests at b = 128
+  and 256 in run 13 (raw/run13_gpu_tests.txt; the cause was not established). Small
+  blocks use one tile.
   """
   del num_blocks  # no longer decides: the same tiles won from 36 to 320 blocks
-  side = min(block_size, 128)
+  side = min(block_size, 64)
   if np.dtype(operand_dtype).itemsize == 2:
-    side = min(block_size, 64)
     if backward and block_size >= 128:
       return CayleyTiles(side=side, depth=64, num_warps=4, num_stages=3, cols=128)
     return CayleyTiles(side=side, depth=side, num_warps=4, num_stages=3)
-  return CayleyTiles(side=side, depth=min(32, block_size), num_warps=8 if side >= 128 else 4, one_loop=True)
+  return CayleyTiles(side=side, depth=min(32, block_size), num_warps=4, num_stages=3)
 
 
 def cayley_skew_tiles(block_size: int, num_blocks: int | None = None) -> CayleyTiles:
