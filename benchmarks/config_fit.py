@@ -11,7 +11,7 @@ fits, the median wall time of a few steps, tokens/s per device and MFU.
 The configs run one after another in one process. With
 `XLA_PYTHON_CLIENT_PREALLOCATE=false` the allocator keeps the regions a smaller config
 took, and a larger one after it can fail to find room (llama1b after llama60m did,
-raw/run74_fit.txt): measure such configs in separate runs, or with preallocation on.
+raw/run74_fit.txt; alone, in run 75, it fit): measure such configs in separate runs.
 """
 
 from __future__ import annotations

@@ -261,6 +261,12 @@ class CayleyNeumannBase(KernelCase):
       want = vjp_ref(dg)[0]
     assert relative_error(got, want) < 2e-5
 
+  def test_tiles_that_do_not_divide_the_block_raise(self, rng):
+    q = jnp.zeros((1, skew.packed_size(64)), jnp.float32)
+    wide = block_sizes.CayleyTiles(side=64, depth=32, num_warps=4, cols=128)
+    with pytest.raises(ValueError, match="do not divide block size 64"):
+      cayley_kernel._forward(q, 64, jnp.dtype(jnp.float32), None, self.interpret, wide)  # pylint: disable=protected-access
+
   def test_tiles_chosen_per_operand_dtype(self):
     """The measured rule (runs 72, 77): 64 x 64 tiles, the backward's two-product kernels in
     two loops; bfloat16 backward tiles 64 x 128 from b = 128 on; float32 depth 32."""
@@ -364,6 +370,7 @@ def test_every_kernel_lowers_to_triton_for_an_h100(block):
   cayley_fb = lambda q, g: forward_and_vjp(
       lambda v: cayley_kernel.cayley_neumann(v, block, operand_dtype=jnp.bfloat16), (q,), g
   )
+  cayley_fb_f32 = lambda q, g: forward_and_vjp(lambda v: cayley_kernel.cayley_neumann(v, block), (q,), g)
   def two_sided_sums(a, p):  # a layer's backward: float32 and bf16 buffers, filled in place by two calls
     fresh = jax.ShapeDtypeStruct((2 * blocks, block, block), jnp.float32)
     copy = jax.ShapeDtypeStruct((2 * blocks, block, block), jnp.bfloat16)
@@ -380,6 +387,7 @@ def test_every_kernel_lowers_to_triton_for_an_h100(block):
       (bf16_blocks, (q,), ("poetx_cayley_neumann",)),
       (cayley_fb, (q, g), ("poetx_cayley_square", "poetx_cayley_neumann", "poetx_cayley_grad2", "poetx_cayley_dq",
                            "poetx_cayley_pack")),
+      (cayley_fb_f32, (q, g), ("poetx_cayley_grad2", "poetx_cayley_dq")),
   ):
     module = triton_backend.lower_for_h100(fn, *args)
     for name in names:

@@ -134,13 +134,15 @@ def cayley_tiles(
   646.6 -> 593.7 at b = 256 x 320, 1424.9 -> 1321.5 at b = 512 x 160. 128 x 256 tiles
   lost everywhere (forward 178.8 against 60.6 µs at b = 256 x 72). Earlier sweeps
   (run 10, 22) had 128 x 128 tiles winning beyond 640 such programs; that was before
-  the product loops only loaded and multiplied, and before the split loops.
+  the product loops only loaded and multiplied, and before the split loops. Not
+  measured: b = 128, and layers of fewer than 36 blocks (a llama60m layer has 4–7),
+  where 64 x 128 backward tiles give half the programs of 64 x 64.
 
   float32 operands (TF32 products; raw/run77_cayley_sweep_f32.txt): 64 x 64 tiles over
   4 warps, depth 32, three stages, the backward in two loops, for both directions:
   forward + backward 300.9 against 435.3 µs at b = 256 x 72, 999.2 against 1235.9 at
   b = 512 x 36, 1244.1 against 1477.4 at b = 256 x 320 for the 128 x 128, depth-32,
-  two-stage, one-loop tiles used since run 10. 64 x 128 float32 tiles lost by 50%.
+  two-stage, one-loop tiles used since run 10. 64 x 128 float32 tiles lost by 41–57%.
   Depth stays 32: 128 x 64 float32 steps failed the compiled kernel tests at b = 128
   and 256 in run 13 (raw/run13_gpu_tests.txt; the cause was not established). Small
   blocks use one tile.

@@ -184,6 +184,9 @@ def _square_blocks(fn, name, num_blocks, block, tiles, interpret, out_dtypes, *a
   through L2 (with the block fastest, 320 blocks of b = 512 re-read every panel
   from memory).
   """
+  if block % tiles.side or block % tiles.width or block % tiles.depth:
+    # A wider tile than the block would give an empty grid axis: outputs never written.
+    raise ValueError(f"Cayley tiles {tiles} do not divide block size {block}: side, width and depth must.")
   out = tuple(jax.ShapeDtypeStruct((num_blocks, block, block), d) for d in out_dtypes)
   grid = (block // tiles.side, block // tiles.width, num_blocks)
   result = _call(functools.partial(fn, block=block, tiles=tiles), out, grid, tiles, name, interpret, *args)
