@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -147,17 +148,63 @@ def orthogonality_metric(params, frozen) -> jax.Array:
   return spectrum.max_orthogonality_error({"params": params, **frozen}, norm="fro")
 
 
-def largest_singular_values(params, frozen, paths: tuple[str, ...]) -> dict[str, jax.Array]:
-  """σ_max of the (effective, for POET-X) kernels at `paths`: the spectrum the method holds fixed.
+def spectrum_targets(paths: tuple[str, ...], params, frozen, scanned: bool, num_layers: int) -> tuple[tuple[str, str, int], ...]:
+  """`(label, layer path, layer index)` for each `train.spectrum_layers` entry, checked against the model.
 
-  A path into an `nn.scan` stack (`blocks/...`) reports its first layer.
+  A model's blocks are `blocks_<i>/...`, or one `nn.scan` stack `blocks/...`; a path
+  written either way works with either: `blocks_<i>/rest` in a scanned model reads layer
+  `i` of the stack `blocks/rest`, and a stack path alone reads its first layer. The
+  label (what the logs call it) is the path as written.
+
+  Raises:
+    ValueError: for a path that names no wrapped (POET-X) or dense layer of the model,
+      listing the ones it has.
   """
   if frozen.get("poet"):
-    values = spectrum.singular_values({"params": params, **frozen}, paths=paths)
-    return {p: s.reshape(-1, s.shape[-1])[0, 0] for p, s in values.items()}
+    available = {"/".join(path) for path, _ in tree_paths.poet_layers(frozen["poet"])}
+  else:
+    available = {"/".join(path) for path in _kernel_paths(params)}
+  targets = []
+  for label in paths:
+    head, _, rest = label.partition("/")
+    match = _BLOCK.fullmatch(head)
+    if scanned and match and rest:
+      path, index = f"blocks/{rest}", int(match.group(1))
+      if index >= num_layers:
+        raise ValueError(f"train.spectrum_layers names {label!r}, but the model has {num_layers} blocks (0…{num_layers - 1}).")
+    else:
+      path, index = label, 0
+    if path not in available:
+      raise ValueError(
+          f"train.spectrum_layers names {label!r}, which is no {'POET-X' if frozen.get('poet') else 'dense'} layer"
+          f" of this model; set it to some of: {', '.join(sorted(available))}."
+      )
+    targets.append((label, path, index))
+  return tuple(targets)
+
+
+_BLOCK = re.compile(r"blocks_(\d+)")
+
+
+def _kernel_paths(params, prefix=()):
+  """Paths of every dict holding a `kernel` of two or more axes (dense layers, stacked or not)."""
+  if not hasattr(params, "keys"):
+    return
+  if "kernel" in params and len(getattr(tree_paths.unboxed(params["kernel"]), "shape", ())) >= 2:
+    yield prefix
+  for name in sorted(params):
+    if name != "kernel":
+      yield from _kernel_paths(params[name], prefix + (str(name),))
+
+
+def largest_singular_values(params, frozen, targets: tuple[tuple[str, str, int], ...]) -> dict[str, jax.Array]:
+  """σ_max of the (effective, for POET-X) kernels `spectrum_targets` names: the spectrum the method holds fixed."""
+  if frozen.get("poet"):
+    values = spectrum.singular_values({"params": params, **frozen}, paths=tuple({path for _, path, _ in targets}))
+    return {label: values[path].reshape(-1, values[path].shape[-1])[index, 0] for label, path, index in targets}
   out = {}
-  for path in paths:
-    kernel = tree_paths.get_path(params, tuple(path.split("/")))["kernel"].astype(jnp.float32)
-    first = kernel.reshape((-1,) + kernel.shape[-2:])[0]
-    out[path] = jnp.linalg.svd(first, compute_uv=False)[0]
+  for label, path, index in targets:
+    kernel = tree_paths.unboxed(tree_paths.get_path(params, tuple(path.split("/")))["kernel"]).astype(jnp.float32)
+    layer = kernel.reshape((-1,) + kernel.shape[-2:])[index]
+    out[label] = jnp.linalg.svd(layer, compute_uv=False)[0]
   return out

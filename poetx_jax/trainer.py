@@ -84,6 +84,11 @@ def build(config: TrainConfig, devices=None) -> Run:
   init = lambda: steps.init_state(model, tx, config.seed, config.data.seq_len)
   abstract = jax.eval_shape(init)
   state_shardings = sharding.tree_shardings(abstract, mesh)
+  # Checked here, before anything compiles; only when the spectrum is logged at all.
+  spectrum_targets = steps.spectrum_targets(
+      tuple(p for p in config.train.spectrum_layers.split(",") if p), abstract.params, abstract.frozen,
+      config.model.scan_layers, config.model.layers,
+  ) if config.train.spectrum_every else ()
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   train_step = steps.make_train_step(
@@ -112,9 +117,7 @@ def build(config: TrainConfig, devices=None) -> Run:
           in_shardings=(state_shardings.params, state_shardings.frozen, batch_sharding),
           out_shardings=(replicated, replicated),
       ),
-      spectrum_fn=jax.jit(
-          functools.partial(steps.largest_singular_values, paths=tuple(p for p in config.train.spectrum_layers.split(",") if p))
-      ),
+      spectrum_fn=jax.jit(functools.partial(steps.largest_singular_values, targets=spectrum_targets)),
   )
 
 

@@ -22,6 +22,8 @@ def test_quality_driver_on_tiny(tmp_path):
       "--override", f"data.files={tmp_path}/*.txt,{tmp_path}/*.jsonl",
       "--override", f"data.cache_dir={tmp_path}/cache", "--override", "data.vocab_size=300",
       "--override", "data.eval_split=train", "--override", "poet.block_size=32",
+      # Scanned, as the LLaMA configs are: the spectrum's default layer paths name unscanned blocks.
+      "--override", "model.scan_layers=True",
   ])
   written = json.loads((out / "quality.json").read_text())
   assert written["tokens"] == 6 * 8 * 32
@@ -29,5 +31,9 @@ def test_quality_driver_on_tiny(tmp_path):
     assert written[method]["best_val_ppl"] > 1, written[method]
   assert len(written["runs"]) == 2 and all(r["returncode"] == 0 for r in written["runs"])
   assert all(len(r["val_curve"]) == 2 and r["spectrum"] for r in written["runs"])
+  for run in written["runs"]:  # every spectrum record holds the layers' values, not only its step
+    assert all(sorted(k for k in record if k != "step") == ["sigma_max/blocks_0/attention/q_proj",
+                                                            "sigma_max/blocks_0/mlp/down_proj"]
+               for record in run["spectrum"]), run["spectrum"]
   assert (out / "quality_val_ppl.png").stat().st_size > 0 and (out / "quality_spectrum.png").stat().st_size > 0
   assert summary["poetx"]["run"] == "poetx_lr0.003_poet0.008"

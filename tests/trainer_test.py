@@ -13,6 +13,7 @@ from conftest import needs_8_devices
 
 from benchmarks import kernel_profile, trace_gaps
 from configs import base
+import poetx_jax
 from poetx_jax import data, metrics, sharding, train_config, trainer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -183,6 +184,41 @@ def test_scanned_blocks_train_and_merge(cache_dir, tmp_path):
   assert np.mean([r["loss"] for r in records[-3:]]) < np.mean([r["loss"] for r in records[:3]])
   sigmas = [r["sigma_max/blocks/mlp/down_proj"] for r in _records(tmp_path, "spectrum")]
   assert len(sigmas) == 3 and (max(sigmas) - min(sigmas)) / sigmas[0] < 1e-2
+
+
+@pytest.mark.parametrize("optimizer", ["poetx", "adamw"])
+def test_spectrum_layers_name_blocks_of_a_scanned_model_either_way(cache_dir, optimizer):
+  """`blocks_<i>/...` reads layer i of the scan stack (the configs' default paths, written for
+  unscanned blocks, crashed AdamW and logged nothing for POET-X once the configs scanned)."""
+  labels = "blocks_0/mlp/down_proj,blocks_1/mlp/down_proj,blocks/attention/q_proj"
+  config = _config(cache_dir, optimizer=optimizer, model__scan_layers=True, model__layers=2, train__spectrum_every=4,
+                   train__spectrum_layers=labels)
+  run = trainer.build(config)
+  state = run.init_fn()
+  sigmas = run.spectrum_fn(state.params, state.frozen)
+  assert sorted(sigmas) == sorted(labels.split(","))
+  variables = {"params": state.params, **state.frozen}
+  if optimizer == "poetx":
+    want = poetx_jax.singular_values(variables, paths=("blocks/mlp/down_proj", "blocks/attention/q_proj"))
+    down, q = want["blocks/mlp/down_proj"][:, 0], want["blocks/attention/q_proj"][0, 0]
+  else:
+    kernels = np.asarray(state.params["blocks"]["mlp"]["down_proj"]["kernel"], np.float64)
+    down = [np.linalg.svd(k, compute_uv=False)[0] for k in kernels]
+    q = np.linalg.svd(np.asarray(state.params["blocks"]["attention"]["q_proj"]["kernel"][0], np.float64), compute_uv=False)[0]
+  np.testing.assert_allclose([sigmas["blocks_0/mlp/down_proj"], sigmas["blocks_1/mlp/down_proj"]], down, rtol=1e-4)
+  np.testing.assert_allclose(sigmas["blocks/attention/q_proj"], q, rtol=1e-4)
+  assert abs(float(down[0]) - float(down[1])) > 1e-4  # two different layers really were read
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_spectrum_layers_the_model_lacks_raise_before_compiling(cache_dir, scan_layers):
+  for bad, message in (("blocks_0/mlp/nope", "no POET-X layer of this model; set it to some of: .*mlp/down_proj"),
+                       ("blocks_7/mlp/down_proj", "the model has 1 blocks" if scan_layers else "no POET-X layer")):
+    config = _config(cache_dir, model__scan_layers=scan_layers, train__spectrum_every=4, train__spectrum_layers=bad)
+    with pytest.raises(ValueError, match=message):
+      trainer.build(config)
+  # Not logged, not checked: a run that never asks for the spectrum is not stopped by the default paths.
+  trainer.build(_config(cache_dir, train__spectrum_every=0, train__spectrum_layers="blocks_0/mlp/nope"))
 
 
 def test_profile_steps_trace_just_those_steps(cache_dir, tmp_path, caplog):
