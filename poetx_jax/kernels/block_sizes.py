@@ -176,6 +176,14 @@ def cayley_skew_tiles(block_size: int, num_blocks: int | None = None) -> CayleyT
 def cayley_pack_tiles(block_size: int) -> CayleyTiles:
   """Tiles of the packing kernel, which holds two mirrored float32 tiles at once: 32 x 32.
 
+  A kernel of its own: packing inside the kernel that computes `dQ` (each program
+  computing a pair of mirrored 64 x 64 `dQ` tiles, so the dense float32 `dQ` never
+  reached memory; commit 70ccc89) was measured against it (raw/run81_pack_forms.txt,
+  backward device µs): bf16 87.8 -> 85.2 at b = 256 x 72 and 358.9 -> 329.9 at
+  b = 256 x 320, but 195.4 -> 201.5 at b = 512 x 36 and 798.5 -> 813.8 at b = 512 x 160;
+  float32 slower at all four (189.0 -> 206.0 at b = 256 x 72). Mixed, and small where our
+  layers sit, so it was not kept.
+
   raw/run45_data_kernels.txt: 16.1 against 17.0 µs for 64 x 64 at b = 256 x 72 blocks,
   6.3 against 7.2 at 30, 4.4 against 5.5 at 16, 74.6 against 76.5 at 320; at b = 512
   x 36 it lost by 3.5% (35.4 against 34.2 µs for 64 x 64 over 8 warps; 128 x 128: 37.1).
