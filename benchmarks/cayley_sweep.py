@@ -64,39 +64,17 @@ def data_kernels(cases, sets_per_case=3):
       kernel_profile.report_device_us(f"b={block} blocks={blocks} pack {t}", fn, sets)
 
 
-def pack_forms(cases, sets_per_case=4):
-  """Device µs of the backward (as the `fast` layer runs it, default tiles) with `dQ`
-  packed by the kernel that computes it, against `dQ` written dense and packed apart."""
-  for block, blocks in cases:
-    sets = _input_sets(block, blocks, sets_per_case)
-    for dtype in (jnp.bfloat16, jnp.float32):
-      d = jnp.dtype(dtype)
-      fwd = jax.jit(lambda q, g, d=d: cn._forward(q, block, d, None, False, keep_state=True))  # pylint: disable=protected-access
-      with_state = [(q, g, fwd(q, g)[1]) for q, g in sets]
-      row = []
-      for fuse in (False, True):
-        bwd = jax.jit(lambda q, g, state, d=d, fuse=fuse: cn._backward(  # pylint: disable=protected-access
-            q, g, block, d, None, False, state=state, fuse_pack=fuse))
-        row.append(kernel_profile.device_us(bwd, with_state))
-      print(f"b={block:<4} blocks={blocks:<4} {d.name:<8} backward: dQ then pack {row[0]:7.1f}  packed by the dQ kernel"
-            f" {row[1]:7.1f} µs", flush=True)
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--sets", type=int, default=4)
   parser.add_argument("--cases", default=",".join(f"{b}x{r}" for b, r in CASES), help="bxblocks,...")
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--data_kernels", action="store_true", help="sweep only the unpacking and packing kernels")
-  parser.add_argument("--pack_forms", action="store_true", help="compare packing dq apart or in the dQ kernel")
   args = parser.parse_args(argv)
   cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   if args.data_kernels:
     data_kernels(cases, args.sets)
-    return
-  if args.pack_forms:
-    pack_forms(cases, args.sets)
     return
   for block, blocks in cases:
     sets = _input_sets(block, blocks, args.sets)

@@ -33,7 +33,6 @@ gradient computed from bfloat16 activations.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -150,32 +149,9 @@ def _dense_dq_kernel(l_ref, q2_ref, m_ref, g2_ref, dg32_ref, o_ref, *, block, ti
   r = tb.program_id(2)
   i, j = _tile_indices(tiles)
 
-  tb.store(o_ref.at[r, i, j], _dq_tile(l_ref, q2_ref, m_ref, g2_ref, dg32_ref, r, i, j, block, tiles, precision))
-
-
-def _dq_tile(l_ref, q2_ref, m_ref, g2_ref, dg32_ref, r, i, j, block, tiles, precision):
-  """The float32 tile `dQ[i, j]` (rows `i`, a column; columns `j`, a row) of the dense `dQ`."""
   acc = _reduce(tiles, block, _product(l_ref, q2_ref, r, i, j, tiles, precision),
                 _product(m_ref, g2_ref, r, i, j, tiles, precision))
-  return acc + 2.0 * (tb.load(dg32_ref.at[r, i, j]) + _f32(g2_ref.at[r, i, j]))
-
-
-def _dq_pack_kernel(pair_rows_ref, pair_cols_ref, l_ref, q2_ref, m_ref, g2_ref, dg32_ref, o_ref, *, block, tiles,
-                    precision):
-  """`dq[slot(i, j)] = dQ[i, j] − dQ[j, i]` straight from the products: each program
-  computes a pair of mirrored `dQ` tiles (one, on the diagonal) and writes their packed
-  difference, so the dense float32 `dQ` never reaches memory."""
-  pair, r = tb.program_id(0), tb.program_id(1)
-  m, n = tb.load(pair_rows_ref.at[pair]), tb.load(pair_cols_ref.at[pair])
-  span = jnp.arange(tiles.side)
-  i, j = (m * tiles.side + span)[:, None], (n * tiles.side + span)[None, :]
-  tile = functools.partial(_dq_tile, l_ref, q2_ref, m_ref, g2_ref, dg32_ref, r, block=block, tiles=tiles,
-                           precision=precision)
-  ij = tile(i, j)
-  ji = jax.lax.cond(m == n, lambda: ij, lambda: tile(j.T, i.T))
-  upper = i < j
-  spare = block * (block - 1) // 2  # as in `_pack_kernel`
-  tb.store(o_ref.at[r, jnp.where(upper, _slot(i, j, block), spare)], ij - ji.T, mask=upper)
+  tb.store(o_ref.at[r, i, j], acc + 2.0 * (tb.load(dg32_ref.at[r, i, j]) + _f32(g2_ref.at[r, i, j])))
 
 
 def _pack_kernel(pair_rows_ref, pair_cols_ref, dq_ref, o_ref, *, block, tiles):
@@ -239,44 +215,19 @@ def _forward(q_RxE, block, operand_dtype, precision, interpret, tiles=None, out_
   return (g, (q, q2, m[0])) if keep_state else g
 
 
-def _tile_pairs(block, side):
-  """Row and column tile indices `(m, n)`, `m <= n`, of the upper-triangle tile pairs."""
-  return tuple(jnp.asarray(a, jnp.int32) for a in np.triu_indices(block // side))
-
-
-def _packed_out(num_blocks, block):
-  """The packed float32 gradient plus one spare slot, which masked lanes address (sliced off)."""
-  return jax.ShapeDtypeStruct((num_blocks, skew.packed_size(block) + 1), jnp.float32)
-
-
 def _pack(dq_RxBxB, block, interpret, tiles=None):
   tiles = tiles or block_sizes.cayley_pack_tiles(block)
-  pair_rows, pair_cols = _tile_pairs(block, tiles.side)
+  side = block // tiles.side
+  pair_rows, pair_cols = (jnp.asarray(a, jnp.int32) for a in np.triu_indices(side))
   kernel = functools.partial(_pack_kernel, block=block, tiles=tiles)
+  out = jax.ShapeDtypeStruct((dq_RxBxB.shape[0], skew.packed_size(block) + 1), jnp.float32)
   grid = (pair_rows.shape[0], dq_RxBxB.shape[0])
-  out = _packed_out(dq_RxBxB.shape[0], block)
   return _call(kernel, out, grid, tiles, "poetx_cayley_pack", interpret, pair_rows, pair_cols, dq_RxBxB)[:, :-1]
 
 
-def _dq_packed(operands, block, tiles, precision, interpret):
-  """`dq` packed straight from `dQ`'s operands (`_dq_pack_kernel`), over square `side x side` tiles."""
-  tiles = dataclasses.replace(tiles, cols=0)
-  if block % tiles.side or block % tiles.depth:
-    raise ValueError(f"Cayley tiles {tiles} do not divide block size {block}: side and depth must.")
-  pair_rows, pair_cols = _tile_pairs(block, tiles.side)
-  num_blocks = operands[0].shape[0]
-  kernel = functools.partial(_dq_pack_kernel, block=block, tiles=tiles, precision=precision)
-  grid = (pair_rows.shape[0], num_blocks)
-  out = _packed_out(num_blocks, block)
-  return _call(kernel, out, grid, tiles, "poetx_cayley_dq_pack", interpret, pair_rows, pair_cols, *operands)[:, :-1]
-
-
-def _backward(q_RxE, dg_RxBxB, block, operand_dtype, precision, interpret, tiles=None, state=None, dg_operand=None,
-              fuse_pack=True):
+def _backward(q_RxE, dg_RxBxB, block, operand_dtype, precision, interpret, tiles=None, state=None, dg_operand=None):
   """`tiles`: for every kernel here (a sweep's); None: the forward's tiles for the
-  recomputed `Q`, `Q2`, `M` and the backward's for the two-product kernels.
-  `fuse_pack`: pack `dq` in the kernel that computes `dQ` (square tiles of the same
-  side), or write the dense `dQ` and pack it in a kernel of its own."""
+  recomputed `Q`, `Q2`, `M` and the backward's for the two-product kernels."""
   r = q_RxE.shape[0]
   if state is None:
     square_tiles = tiles or block_sizes.cayley_tiles(block, operand_dtype, r)
@@ -289,11 +240,8 @@ def _backward(q_RxE, dg_RxBxB, block, operand_dtype, precision, interpret, tiles
   g2, l = _square_blocks(
       grad2, "poetx_cayley_grad2", r, block, tiles, interpret, (operand_dtype,) * 2, q, dg_operand, dg_RxBxB
   )
-  operands = (l, q2, m, g2, dg_RxBxB)
-  if fuse_pack:
-    return _dq_packed(operands, block, tiles, precision, interpret)
   dense = functools.partial(_dense_dq_kernel, precision=precision)
-  dq_RxBxB = _square_blocks(dense, "poetx_cayley_dq", r, block, tiles, interpret, (jnp.float32,), *operands)
+  dq_RxBxB = _square_blocks(dense, "poetx_cayley_dq", r, block, tiles, interpret, (jnp.float32,), l, q2, m, g2, dg_RxBxB)
   return _pack(dq_RxBxB, block, interpret)
 
 
