@@ -116,7 +116,7 @@ def run_all(specs, args, on_result=None) -> list[dict]:
       results.append(result)
       print(f"finished {spec['name']}: rc {proc.returncode}, val ppl {result['final_val_ppl']}", flush=True)
       if proc.returncode:  # say why here: the log stays behind in --workdir, often on another machine
-        with open(log.name) as f:
+        with open(log.name, errors="replace") as f:
           print("".join(f.readlines()[-12:]), end="", flush=True)
       if on_result is not None:  # a long grid must not lose finished runs to a time limit
         on_result(sorted(results, key=lambda r: r["name"]))

@@ -6,6 +6,7 @@ import re
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax.core import meta
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -148,22 +149,27 @@ def orthogonality_metric(params, frozen) -> jax.Array:
   return spectrum.max_orthogonality_error({"params": params, **frozen}, norm="fro")
 
 
-def spectrum_targets(paths: tuple[str, ...], params, frozen, scanned: bool, num_layers: int) -> tuple[tuple[str, str, int], ...]:
-  """`(label, layer path, layer index)` for each `train.spectrum_layers` entry, checked against the model.
+def spectrum_targets(paths: tuple[str, ...], params, frozen, scanned: bool, num_layers: int):
+  """`(label, layer path, layer index or None)` for each `train.spectrum_layers` entry, checked against the model.
 
-  A model's blocks are `blocks_<i>/...`, or one `nn.scan` stack `blocks/...`; a path
-  written either way works with either: `blocks_<i>/rest` in a scanned model reads layer
-  `i` of the stack `blocks/rest`, and a stack path alone reads its first layer. The
-  label (what the logs call it) is the path as written.
+  A model's blocks are `blocks_<i>/...`, or, scanned, one `nn.scan` stack `blocks/...`.
+  In a scanned model `blocks_<i>/rest` reads layer `i` of the stack `blocks/rest`, so
+  the configs' default paths work either way; a stack path alone reads its first
+  layer. The index is None for a layer that is not part of a stack. The label (what
+  the logs call it) is the path as written.
 
   Raises:
-    ValueError: for a path that names no wrapped (POET-X) or dense layer of the model,
-      listing the ones it has.
+    ValueError: for no paths, or a path that names no wrapped (POET-X) or dense layer
+      of the model, listing the ones it has.
   """
-  if frozen.get("poet"):
+  if not paths:
+    raise ValueError("train.spectrum_every is set but train.spectrum_layers names no layer; name some, or set spectrum_every=0.")
+  is_poet = bool(frozen.get("poet"))
+  if is_poet:
     available = {"/".join(path) for path, _ in tree_paths.poet_layers(frozen["poet"])}
   else:
     available = {"/".join(path) for path in _kernel_paths(params)}
+  hint = f" (in this scanned model blocks_<i>/<rest> reads layer i of blocks/<rest>, i < {num_layers})" if scanned else ""
   targets = []
   for label in paths:
     head, _, rest = label.partition("/")
@@ -171,19 +177,20 @@ def spectrum_targets(paths: tuple[str, ...], params, frozen, scanned: bool, num_
     if scanned and match and rest:
       path, index = f"blocks/{rest}", int(match.group(1))
       if index >= num_layers:
-        raise ValueError(f"train.spectrum_layers names {label!r}, but the model has {num_layers} blocks (0…{num_layers - 1}).")
+        raise ValueError(f"train.spectrum_layers names {label!r}, but the model has {num_layers} blocks: use blocks_0 … blocks_{num_layers - 1}.")
     else:
-      path, index = label, 0
+      path = label
+      index = 0 if scanned and head == "blocks" else None
     if path not in available:
       raise ValueError(
-          f"train.spectrum_layers names {label!r}, which is no {'POET-X' if frozen.get('poet') else 'dense'} layer"
-          f" of this model; set it to some of: {', '.join(sorted(available))}."
+          f"train.spectrum_layers names {label!r}, which is no {'POET-X' if is_poet else 'dense'} layer of this"
+          f" model; set it to some of: {', '.join(sorted(available))}{hint}."
       )
     targets.append((label, path, index))
   return tuple(targets)
 
 
-_BLOCK = re.compile(r"blocks_(\d+)")
+_BLOCK = re.compile(r"blocks_(0|[1-9]\d*)")
 
 
 def _kernel_paths(params, prefix=()):
@@ -197,14 +204,25 @@ def _kernel_paths(params, prefix=()):
       yield from _kernel_paths(params[name], prefix + (str(name),))
 
 
-def largest_singular_values(params, frozen, targets: tuple[tuple[str, str, int], ...]) -> dict[str, jax.Array]:
-  """σ_max of the (effective, for POET-X) kernels `spectrum_targets` names: the spectrum the method holds fixed."""
-  if frozen.get("poet"):
-    values = spectrum.singular_values({"params": params, **frozen}, paths=tuple({path for _, path, _ in targets}))
-    return {label: values[path].reshape(-1, values[path].shape[-1])[index, 0] for label, path, index in targets}
+def _layer_of(tree, index):
+  """`tree` (a layer's arrays), or layer `index` of a stack of them."""
+  if index is None:
+    return tree
+  return jax.tree.map(lambda x: tree_paths.unboxed(x)[index], tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
+
+
+def largest_singular_values(params, frozen, targets) -> dict[str, jax.Array]:
+  """σ_max of the (effective, for POET-X) kernels `spectrum_targets` names: the spectrum the method holds fixed.
+
+  Only the layer asked for is computed, not the rest of its stack.
+  """
   out = {}
   for label, path, index in targets:
-    kernel = tree_paths.unboxed(tree_paths.get_path(params, tuple(path.split("/")))["kernel"]).astype(jnp.float32)
-    layer = kernel.reshape((-1,) + kernel.shape[-2:])[index]
-    out[label] = jnp.linalg.svd(layer, compute_uv=False)[0]
+    keys = tuple(path.split("/"))
+    if frozen.get("poet"):
+      state = _layer_of(tree_paths.get_path(frozen["poet"], keys), index)
+      kernel = merging.flat_effective_kernel(state, _layer_of(tree_paths.get_path(params, keys), index))
+    else:
+      kernel = _layer_of(tree_paths.get_path(params, keys), index)["kernel"]
+    out[label] = jnp.linalg.svd(tree_paths.unboxed(kernel).astype(jnp.float32), compute_uv=False)[0]
   return out

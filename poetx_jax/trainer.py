@@ -86,7 +86,7 @@ def build(config: TrainConfig, devices=None) -> Run:
   state_shardings = sharding.tree_shardings(abstract, mesh)
   # Checked here, before anything compiles; only when the spectrum is logged at all.
   spectrum_targets = steps.spectrum_targets(
-      tuple(p for p in config.train.spectrum_layers.split(",") if p), abstract.params, abstract.frozen,
+      tuple(p.strip() for p in config.train.spectrum_layers.split(",") if p.strip()), abstract.params, abstract.frozen,
       config.model.scan_layers, config.model.layers,
   ) if config.train.spectrum_every else ()
   batch_sharding = sharding.batch_sharding(mesh)

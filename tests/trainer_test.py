@@ -190,13 +190,13 @@ def test_scanned_blocks_train_and_merge(cache_dir, tmp_path):
 def test_spectrum_layers_name_blocks_of_a_scanned_model_either_way(cache_dir, optimizer):
   """`blocks_<i>/...` reads layer i of the scan stack (the configs' default paths, written for
   unscanned blocks, crashed AdamW and logged nothing for POET-X once the configs scanned)."""
-  labels = "blocks_0/mlp/down_proj,blocks_1/mlp/down_proj,blocks/attention/q_proj"
+  labels = "blocks_0/mlp/down_proj, blocks_1/mlp/down_proj,blocks/attention/q_proj"
   config = _config(cache_dir, optimizer=optimizer, model__scan_layers=True, model__layers=2, train__spectrum_every=4,
                    train__spectrum_layers=labels)
   run = trainer.build(config)
   state = run.init_fn()
   sigmas = run.spectrum_fn(state.params, state.frozen)
-  assert sorted(sigmas) == sorted(labels.split(","))
+  assert sorted(sigmas) == sorted(label.strip() for label in labels.split(","))
   variables = {"params": state.params, **state.frozen}
   if optimizer == "poetx":
     want = poetx_jax.singular_values(variables, paths=("blocks/mlp/down_proj", "blocks/attention/q_proj"))
@@ -210,11 +210,15 @@ def test_spectrum_layers_name_blocks_of_a_scanned_model_either_way(cache_dir, op
   assert abs(float(down[0]) - float(down[1])) > 1e-4  # two different layers really were read
 
 
+@pytest.mark.parametrize("optimizer", ["poetx", "adamw"])
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_spectrum_layers_the_model_lacks_raise_before_compiling(cache_dir, scan_layers):
-  for bad, message in (("blocks_0/mlp/nope", "no POET-X layer of this model; set it to some of: .*mlp/down_proj"),
-                       ("blocks_7/mlp/down_proj", "the model has 1 blocks" if scan_layers else "no POET-X layer")):
-    config = _config(cache_dir, model__scan_layers=scan_layers, train__spectrum_every=4, train__spectrum_layers=bad)
+def test_spectrum_layers_the_model_lacks_raise_when_the_run_is_built(cache_dir, scan_layers, optimizer):
+  kind = "POET-X" if optimizer == "poetx" else "dense"
+  for bad, message in ((" blocks_0/mlp/nope", f"no {kind} layer of this model; set it to some of: .*mlp/down_proj"),
+                       ("blocks_7/mlp/down_proj", "the model has 1 blocks" if scan_layers else f"no {kind} layer"),
+                       (" , ", "names no layer")):
+    config = _config(cache_dir, optimizer=optimizer, model__scan_layers=scan_layers, train__spectrum_every=4,
+                     train__spectrum_layers=bad)
     with pytest.raises(ValueError, match=message):
       trainer.build(config)
   # Not logged, not checked: a run that never asks for the spectrum is not stopped by the default paths.
