@@ -95,3 +95,18 @@ def test_dynamic_k_matches_static(rng):
 def test_negative_terms_raise():
   with pytest.raises(ValueError, match="neumann_terms"):
     cayley.cayley_neumann(jnp.zeros((1, 1)), 2, -2)
+
+
+def test_the_xla_bf16_benchmark_computes_the_same_map_and_gradient(rng):
+  """`benchmarks.cayley_vs_xla` times XLA on the kernels' bf16 algorithm: it must be the same
+  map and VJP as the reference, to bfloat16 operand rounding."""
+  from benchmarks import cayley_vs_xla  # pylint: disable=g-import-not-at-top
+
+  block = 32
+  q = _packed(rng, 3, block, 0.2)
+  g_ref, vjp_ref = jax.vjp(lambda v: cayley.cayley_neumann_reference(v, block, 3), q)
+  eye = jnp.eye(block)
+  g = cayley_vs_xla.xla_forward(q, block).astype(jnp.float32)
+  assert g.dtype == jnp.float32 and relative_error(g - eye, g_ref - eye) < 2e-2
+  dg = jnp.asarray(rng.standard_normal(g_ref.shape), jnp.float32)
+  assert relative_error(cayley_vs_xla.xla_backward(q, dg, block), vjp_ref(dg)[0]) < 2e-2
