@@ -22,6 +22,11 @@ import jax
 import jax.numpy as jnp
 
 
+def trace_paths(log_dir: str) -> list[str]:
+  """Every Perfetto trace (`perfetto_trace.json.gz`) `jax.profiler` wrote under `log_dir`."""
+  return glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+
+
 def read_trace(trace_path: str) -> list[dict]:
   """The events of a Perfetto trace (`perfetto_trace.json.gz`)."""
   with gzip.open(trace_path) as f:
@@ -60,7 +65,7 @@ def profile(fn, input_sets, calls: int) -> list[tuple[str, int, float]]:
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
       for i in range(calls):
         jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
-    (path,) = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    (path,) = trace_paths(log_dir)
     kernels = device_kernels(path)
   count, total = collections.Counter(), collections.Counter()
   for name, dur in kernels:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import os
 import re
 import statistics
 import tempfile
@@ -57,7 +55,7 @@ def step_kernels(compiled, state, data, steps: int) -> list[tuple[str, float]]:
       for _ in range(steps):
         state, metrics = compiled(state, data)
       jax.block_until_ready(metrics)
-    (path,) = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    (path,) = kernel_profile.trace_paths(log_dir)
     return kernel_profile.device_kernels(path)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import os
 import re
 
@@ -28,7 +27,7 @@ STEP_EXECUTION = re.compile(r"\S+::Execute \(jit_train_step\)")  # one host even
 
 def newest_trace(trace_dir: str) -> str:
   """The newest `perfetto_trace.json.gz` under `trace_dir` (a resumed run adds one)."""
-  paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  paths = kernel_profile.trace_paths(trace_dir)
   if not paths:
     raise SystemExit(f"no perfetto_trace.json.gz under {trace_dir}: run train.py with --config.train.profile_steps=START:STOP.")
   return max(paths, key=os.path.getmtime)
