@@ -44,6 +44,7 @@ class Backend:
   gather_rotate: Callable[..., jax.Array]  # rotation.gather_rotate
   rotate_gather: Callable[..., jax.Array]  # rotation.rotate_gather
   block_outer_sum_into: Callable[..., jax.Array]  # rotation.block_outer_sum_into
+  rotate_outer_sum_into: Callable[..., tuple]  # rotation.rotate_outer_sum_into
 
 
 def xla_cayley_forward(q_RxE, block_size, neumann_terms, precision, operand_dtype, out_dtype, keep_state=False):
@@ -66,6 +67,7 @@ XLA = Backend(
     gather_rotate=rotation.gather_rotate,
     rotate_gather=rotation.rotate_gather,
     block_outer_sum_into=rotation.block_outer_sum_into,
+    rotate_outer_sum_into=rotation.rotate_outer_sum_into,
 )
 
 

@@ -144,14 +144,14 @@ def _poet_layer_bwd(backend, keep_hidden, keep_cayley_state, precision, block_si
   operand_dtype = jnp.dtype(settings["operand_dtype"])
   fresh = jax.ShapeDtypeStruct(g_RxBxB.shape, jnp.float32)
   copy = jax.ShapeDtypeStruct(g_RxBxB.shape, operand_dtype) if operand_dtype != jnp.float32 else None
-  # dG_out[i] = Σ h_iᵀ g1_i with g1 = dy[..., perm_out_inv]; dh = g1 · BD(G_out)ᵀ.
-  dg_RxBxB, copy = _outer_sums(backend, fresh, copy, h_OxN, None, dy_OxN, perm_out_inv, blocks_in)
-  dh_OxN = backend.gather_rotate(dy_OxN, perm_out_inv, g_RxBxB, transpose=True, block_offset=blocks_in)
+  # dG_out[i] = Σ h_iᵀ g1_i with g1 = dy[..., perm_out_inv]; dh = g1 · BD(G_out)ᵀ (one pass: both read g1).
+  dh_OxN, dg_RxBxB, copy = _rotate_outer_sum(backend, fresh, copy, dy_OxN, perm_out_inv, h_OxN, None, g_RxBxB, blocks_in)
   # The second large GEMM; K_s gets no gradient, so there is no third.
   dxr_IxN = jnp.matmul(k_IxO.astype(dh_OxN.dtype), dh_OxN, precision=precision)
   # dG_in[j] = Σ xp_jᵀ dxr_j with xp = x[..., perm_in_inv]; dx = (dxr · BD(G_in)ᵀ)[..., perm_in].
-  dg_RxBxB, copy = _outer_sums(backend, dg_RxBxB, copy, x_IxN, perm_in_inv, dxr_IxN, None, 0)
-  dx_IxN = backend.rotate_gather(dxr_IxN, g_RxBxB, perm_in, perm_in_inv, transpose=True)
+  dx_IxN, dg_RxBxB, copy = _rotate_outer_sum(
+      backend, dg_RxBxB, copy, dxr_IxN, None, x_IxN, perm_in_inv, g_RxBxB, 0, perm_in, perm_in_inv
+  )
   dq_RxE = backend.cayley_backward(
       _joined(qs), dg_RxBxB, block_size, neumann_terms, state=cayley_state, dg_operand=copy, **settings
   )
@@ -162,11 +162,13 @@ def _poet_layer_bwd(backend, keep_hidden, keep_cayley_state, precision, block_si
 _poet_layer.defvjp(_poet_layer_fwd, _poet_layer_bwd)
 
 
-def _outer_sums(backend, into, copy_into, a, perm_a, g, perm_g, block_offset):
-  """`(dG, its operand-dtype copy or None)` with one side's blocks written."""
+def _rotate_outer_sum(backend, into, copy_into, s, gather_s, a, gather_a, g_RxBxB, block_offset, out_perm=None,
+                      out_perm_inv=None):
+  """`(rotated s, dG, dG's operand-dtype copy or None)` with one side's blocks of dG written."""
+  args = (into, s, gather_s, a, gather_a, g_RxBxB, block_offset, out_perm, out_perm_inv)
   if copy_into is None:
-    return backend.block_outer_sum_into(into, a, perm_a, g, perm_g, block_offset), None
-  return backend.block_outer_sum_into(into, a, perm_a, g, perm_g, block_offset, copy_into=copy_into)
+    return (*backend.rotate_outer_sum_into(*args), None)
+  return backend.rotate_outer_sum_into(*args, copy_into=copy_into)
 
 
 def check_shapes(x_shape, k_shape, q_in_shape, q_out_shape, block_size: int) -> None:

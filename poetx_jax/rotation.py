@@ -140,6 +140,26 @@ def block_outer_sum_into(into, a_DxN, perm_a_D, g_DxN, perm_g_D, block_offset: i
   return result, _write_blocks(copy_into, sums, block_offset)
 
 
+def rotate_outer_sum_into(
+    into, s_DxN, gather_s_D, a_DxN, gather_a_D, g_RxBxB, block_offset: int, out_perm_D=None, out_perm_inv_D=None,
+    copy_into=None,
+):
+  """One side of the layer's backward: `S = s[gather_s]` rotated by `G` (`G_r·S_r` per
+  block, then gathered by `out_perm`), and `Σ_n a[gather_a]·Sᵀ` written as blocks
+  `block_offset…` of `into` (and of `copy_into`).
+
+  Both read `S`, so a kernel computes them in one pass (`kernels/rotate_outer_sum.py`,
+  which scatters by `out_perm_inv` instead). Returns `(rot, dG)` or `(rot, dG, copy)`.
+  """
+  del out_perm_inv_D
+  shared_DxN = s_DxN if gather_s_D is None else jnp.take(s_DxN, gather_s_D, axis=0)
+  rot = rotate_rows(shared_DxN, _blocks_from(g_RxBxB, s_DxN.shape[0], block_offset), transpose=True)
+  if out_perm_D is not None:
+    rot = jnp.take(rot, out_perm_D, axis=0)
+  sums = block_outer_sum_into(into, a_DxN, gather_a_D, s_DxN, gather_s_D, block_offset, copy_into=copy_into)
+  return (rot, sums) if copy_into is None else (rot, *sums)
+
+
 def _write_blocks(into, blocks, block_offset):
   """`into` (an array, or a `ShapeDtypeStruct` read as zeros) with `blocks` at `block_offset`, in its dtype."""
   end = block_offset + blocks.shape[0]

@@ -4,6 +4,8 @@ One base class per kernel; subclasses run it interpreted on the CPU (always) and
 compiled on a GPU (when there is one). Tolerances by dtype and mode in one place.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from conftest import relative_error
 
 from poetx_jax import cayley, ops, skew
-from poetx_jax.kernels import block_outer_sum, block_rotation, block_sizes
+from poetx_jax.kernels import block_outer_sum, block_rotation, block_sizes, rotate_outer_sum
 from poetx_jax.kernels import cayley_neumann as cayley_kernel
 from poetx_jax.kernels import triton_backend
 
@@ -184,6 +186,65 @@ class BlockOuterSumBase(KernelCase):
       )
 
 
+class RotateOuterSumBase(KernelCase):
+  """The backward's fused rotation + cotangents against the two references, as the
+  layer calls it on each side: in place into a buffer holding the other side's blocks,
+  with its bfloat16 copy, over one token range or several."""
+
+  @pytest.mark.parametrize("block,rows_blocks,tokens", [(16, 3, 37), (32, 2, 100), (64, 2, 5), (128, 1, 130)])
+  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+  @pytest.mark.parametrize("side", ["output", "input", "both gathers and a scatter"])
+  @pytest.mark.parametrize("splits", [1, 3])
+  def test_matches_the_rotation_and_outer_sum_references(self, rng, block, rows_blocks, tokens, dtype, side, splits):
+    d, offset = block * rows_blocks, 2
+    s, a = (jnp.asarray(rng.standard_normal((d, tokens)), dtype) for _ in range(2))
+    g = jnp.asarray(rng.standard_normal((rows_blocks + offset + 1, block, block)) / np.sqrt(block), jnp.float32)
+    perm = lambda: jnp.asarray(rng.permutation(d), jnp.int32)
+    gather_s, gather_a, scatter = {
+        "output": (perm(), None, None),  # dh from dy gathered, dG from h
+        "input": (None, perm(), perm()),  # dx scattered from dxr, dG from x gathered
+        "both gathers and a scatter": (perm(), perm(), perm()),
+    }[side]
+    held = jnp.asarray(rng.standard_normal(g.shape), jnp.float32)
+    held_copy = held.astype(jnp.bfloat16)
+    tiles = dataclasses.replace(block_sizes.rotate_outer_sum_tiles(block, tokens, rows_blocks), tokens=16, splits=splits)
+    rot, dg, dg_copy = rotate_outer_sum.rotate_outer_sum_into(
+        held, s, gather_s, a, gather_a, g, scatter, offset, interpret=self.interpret, copy_into=held_copy, tiles=tiles
+    )
+    rot_ref, dg_ref = rotate_outer_sum.rotate_outer_sum_reference(s, gather_s, a, gather_a, g, scatter, offset)
+    assert rot.dtype == s.dtype and rot.shape == s.shape
+    assert relative_error(rot, rot_ref) < self.tol(dtype)
+    end = offset + rows_blocks
+    assert relative_error(dg[offset:end], dg_ref) < self.tol(dtype)
+    np.testing.assert_array_equal(dg[:offset], held[:offset])  # the other blocks are kept
+    np.testing.assert_array_equal(dg[end:], held[end:])
+    np.testing.assert_array_equal(dg_copy[:offset], held_copy[:offset])
+    np.testing.assert_array_equal(dg_copy[offset:end], dg[offset:end].astype(jnp.bfloat16))
+
+  def test_fresh_buffer_and_the_xla_composition_agree(self, rng):
+    """Into a fresh buffer, without a copy; and `rotation.rotate_outer_sum_into` (the XLA
+    backend's, gathering the output by the inverse of the kernel's scatter) gives the same."""
+    from poetx_jax import rotation
+
+    block, rows_blocks, tokens = 16, 2, 40
+    d = block * rows_blocks
+    s, a = (jnp.asarray(rng.standard_normal((d, tokens)), jnp.float32) for _ in range(2))
+    g = jnp.asarray(rng.standard_normal((rows_blocks, block, block)), jnp.float32)
+    gather_a, scatter = (jnp.asarray(rng.permutation(d), jnp.int32) for _ in range(2))
+    fresh = jax.ShapeDtypeStruct(g.shape, jnp.float32)
+    rot, dg = rotate_outer_sum.rotate_outer_sum_into(fresh, s, None, a, gather_a, g, scatter, 0, interpret=self.interpret)
+    rot_xla, dg_xla = rotation.rotate_outer_sum_into(fresh, s, None, a, gather_a, g, 0, jnp.argsort(scatter), scatter)
+    assert relative_error(rot, rot_xla) < self.tol("float32")
+    assert relative_error(dg, dg_xla) < self.tol("float32")
+
+  def test_bad_buffers_raise(self):
+    s = jnp.zeros((32, 4))
+    with pytest.raises(ValueError, match="float32"):
+      rotate_outer_sum.rotate_outer_sum_into(jnp.zeros((2, 16, 16), jnp.bfloat16), s, None, s, None, jnp.zeros((2, 16, 16)), None, 0, interpret=True)
+    with pytest.raises(ValueError, match="same"):
+      rotate_outer_sum.rotate_outer_sum_into(jnp.zeros((2, 16, 16)), s, None, jnp.zeros((32, 5)), None, jnp.zeros((2, 16, 16)), None, 0, interpret=True)
+
+
 class CayleyNeumannBase(KernelCase):
   @pytest.mark.parametrize("block,blocks", [(16, 3), (32, 2), (64, 2), (128, 1), (256, 1)])
   @pytest.mark.parametrize("scale", [0.01, 0.2])
@@ -339,6 +400,10 @@ class TestCayleyNeumannInterpret(CayleyNeumannBase):
   mode = "interpret"
 
 
+class TestRotateOuterSumInterpret(RotateOuterSumBase):
+  mode = "interpret"
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 class TestBlockRotationGPU(BlockRotationBase):
   mode = "gpu"
@@ -351,6 +416,11 @@ class TestBlockOuterSumGPU(BlockOuterSumBase):
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 class TestCayleyNeumannGPU(CayleyNeumannBase):
+  mode = "gpu"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+class TestRotateOuterSumGPU(RotateOuterSumBase):
   mode = "gpu"
 
 
@@ -377,6 +447,13 @@ def test_every_kernel_lowers_to_triton_for_an_h100(block):
     out, copy = block_outer_sum.block_outer_sum_into(fresh, a, None, a, p, blocks, copy_into=copy)
     return block_outer_sum.block_outer_sum_into(out, a, p, a, None, 0, copy_into=copy)
 
+  def fused_sides(a, g, p):  # the layer's backward: both sides fused, the first into a fresh buffer
+    fresh = jax.ShapeDtypeStruct((2 * blocks, block, block), jnp.float32)
+    copy = jax.ShapeDtypeStruct((2 * blocks, block, block), jnp.bfloat16)
+    g2 = jnp.concatenate([g, g])
+    dh, out, copy = rotate_outer_sum.rotate_outer_sum_into(fresh, a, p, a, None, g2, None, blocks, copy_into=copy)
+    return dh, rotate_outer_sum.rotate_outer_sum_into(out, dh, None, a, p, g2, p, 0, copy_into=copy)
+
   bf16_blocks = lambda q: cayley_kernel.cayley_neumann_forward(q, block, operand_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16)
   many_tokens = jax.ShapeDtypeStruct((blocks * block, 5000), jnp.bfloat16)  # a train step's: split over programs
   assert block_sizes.outer_sum_tiles(block, 5000, blocks).splits > 1
@@ -384,6 +461,8 @@ def test_every_kernel_lowers_to_triton_for_an_h100(block):
       (rotate, (a, g, p), ("poetx_block_rotate", "poetx_block_outer_sum")),
       (two_sided_sums, (a, p), ("poetx_block_outer_sum",)),
       (two_sided_sums, (many_tokens, p), ("poetx_block_outer_sum",)),
+      (fused_sides, (a, g, p), ("poetx_rotate_outer_sum",)),
+      (fused_sides, (many_tokens, g, p), ("poetx_rotate_outer_sum",)),
       (bf16_blocks, (q,), ("poetx_cayley_neumann",)),
       (cayley_fb, (q, g), ("poetx_cayley_square", "poetx_cayley_neumann", "poetx_cayley_grad2", "poetx_cayley_dq",
                            "poetx_cayley_pack")),
@@ -400,12 +479,11 @@ def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_t
 
   Per wrapped layer: the forward runs 2 rotations (gather, scatter) and, for both sides
   at once, the 3 Cayley–Neumann forward kernels (unpack, square, Neumann); the backward
-  runs 2 more rotations, 2 outer sums and 3 Cayley kernels (∇2, dense dQ, packing), plus
+  runs, per side, its rotation fused with its outer sum, and 3 Cayley kernels (∇2, dense dQ, packing), plus
   unpack and square again unless `keep_cayley_state` kept their results.
   Rematerialization (`jax.checkpoint`) re-runs the forward inside the backward, keeping
   only what the backward needs.
   """
-  import dataclasses
 
   import flax.linen as nn
   import poetx_jax
@@ -432,11 +510,14 @@ def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_t
   recomputed = 1 if variant == "mem" else 0
   cayley_again = 0 if keep_cayley_state else 1
   expected = {
-      # forward, backward, forward again (remat) -- but the recomputed forward of the last
-      # layer needs only h, not its output rotation, so that one launch is dead code.
-      # mem's backward rotates the input again to recompute h.
-      "poetx_block_rotate": layers * (2 + 2 + 2 + recomputed) - 1,
-      "poetx_block_outer_sum": layers * 2,
+      # forward and forward again (remat); mem's backward rotates the input again to
+      # recompute h. The backward's rotations are fused with its outer sums, so the first
+      # layer's `dx`, which nothing reads, is still computed (apart, XLA dropped that one
+      # rotation as dead code: one launch of 12 in this model, none in a LLaMA model,
+      # whose first wrapped layers' inputs carry the embedding's gradient).
+      "poetx_block_rotate": layers * (2 + 2 + recomputed),
+      "poetx_block_outer_sum": 0,  # fused with the backward's rotations:
+      "poetx_rotate_outer_sum": layers * 2,  # one per side
       "poetx_cayley_skew": layers * (1 + 1 + cayley_again),  # forward, forward again, (backward)
       "poetx_cayley_square": layers * (1 + 1 + cayley_again),
       "poetx_cayley_neumann": layers * (1 + 1),

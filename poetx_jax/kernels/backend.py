@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 from poetx_jax import backends
-from poetx_jax.kernels import block_outer_sum, block_rotation
+from poetx_jax.kernels import block_outer_sum, block_rotation, rotate_outer_sum
 from poetx_jax.kernels import cayley_neumann as cayley_kernel
 
 
@@ -36,6 +36,17 @@ def _cayley_backward(
   )
 
 
+def _rotate_outer_sum_into(
+    into, s_DxN, gather_s, a_DxN, gather_a, g_RxBxB, block_offset, out_perm=None, out_perm_inv=None, copy_into=None,
+    *, interpret,
+):
+  del out_perm  # the kernel scatters by the inverse
+  return rotate_outer_sum.rotate_outer_sum_into(
+      into, s_DxN, gather_s, a_DxN, gather_a, g_RxBxB, out_perm_inv, block_offset, interpret=interpret,
+      copy_into=copy_into,
+  )
+
+
 def make_backend(interpret: bool) -> backends.Backend:
   """The Pallas backend, compiled for the GPU or run by the Pallas interpreter."""
   return backends.Backend(
@@ -45,4 +56,5 @@ def make_backend(interpret: bool) -> backends.Backend:
       gather_rotate=functools.partial(block_rotation.gather_rotate, interpret=interpret),
       rotate_gather=functools.partial(block_rotation.rotate_gather, interpret=interpret),
       block_outer_sum_into=functools.partial(block_outer_sum.block_outer_sum_into, interpret=interpret),
+      rotate_outer_sum_into=functools.partial(_rotate_outer_sum_into, interpret=interpret),
   )

@@ -126,10 +126,10 @@ def _launch(a_DxN, perm_a, g_DxN, perm_g, block_size, interpret, tiles=None, int
   result = call(*operands, a_DxN, g_DxN)
   if tiles.splits == 1:
     return result
-  return _add_partials(result, into, block_offset, copy_into)
+  return add_partials(result, into, block_offset, copy_into)
 
 
-def _add_partials(partials_SxRxBxB, into, block_offset, copy_into):
+def add_partials(partials_SxRxBxB, into, block_offset, copy_into):
   """The ranges' partial sums added (one XLA fusion) into blocks `block_offset…` of
   `into` and of `copy_into`; a `ShapeDtypeStruct` gets a zeroed buffer."""
   total_RxBxB = partials_SxRxBxB.sum(axis=0)

@@ -194,3 +194,30 @@ def cayley_pack_tiles(block_size: int) -> CayleyTiles:
 
 def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class RotateOuterSumTiles:
+  rows: int  # rows of one block per program: rotated rows, and cotangent rows (`rows x B`)
+  tokens: int  # tokens per step
+  num_warps: int
+  num_stages: int = 2
+  splits: int = 1  # token ranges run by separate programs, their partial cotangents added after
+
+
+def rotate_outer_sum_tiles(block_size: int, tokens: int, num_blocks: int | None = None) -> RotateOuterSumTiles:
+  """Tiles of the fused backward kernel (`kernels/rotate_outer_sum.py`).
+
+  Each program holds a `rows x B` float32 cotangent and loads a `B x tokens` tile of
+  the shared operand per step, so both shrink as `B` grows: 64 rows and 64 tokens up
+  to b = 256, 32 and 32 at b = 512 (32 KB of the shared operand per stage). Programs
+  stream over the tokens; where a side has fewer than two waves of programs, the
+  tokens are split over more, down to 512 tokens a range.
+  """
+  rows = min(block_size, 64 if block_size <= 256 else 32)
+  token_tile = min(64 if block_size <= 256 else 32, max(16, _next_pow2(tokens)))
+  programs = (num_blocks or 1 << 30) * (block_size // rows)
+  splits = 1
+  if programs < 2 * H100_SMS:
+    splits = max(1, min(math.ceil(2 * H100_SMS / programs), tokens // 512))
+  return RotateOuterSumTiles(rows=rows, tokens=token_tile, num_warps=8, num_stages=2, splits=splits)
