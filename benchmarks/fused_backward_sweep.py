@@ -70,6 +70,7 @@ def main(argv=None):
   parser.add_argument("--blocks", default="256,512")
   parser.add_argument("--tokens", type=int, default=2048)
   parser.add_argument("--sides", default="output,input")
+  parser.add_argument("--tiles", default="", help="instead of the built-in candidates: rows:tokens:warps:stages:splits,...")
   args = parser.parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   n = args.tokens
@@ -86,6 +87,8 @@ def main(argv=None):
       ]
       if rule.splits > 1:  # the same tiles with other token splits
         candidates += [dataclasses.replace(rule, splits=s) for s in (1, 2 * rule.splits) if s != rule.splits]
+      if args.tiles:
+        candidates = [T(*(int(v) for v in spec.split(":"))) for spec in args.tiles.split(",")]
       for side in args.sides.split(","):
         kernel_profile.report_device_us(f"{side:6s} pair (rotation + outer sum)", _pair(side, block), sets)
         for t in candidates:
