@@ -205,19 +205,37 @@ class RotateOuterSumTiles:
   splits: int = 1  # token ranges run by separate programs, their partial cotangents added after
 
 
-def rotate_outer_sum_tiles(block_size: int, tokens: int, num_blocks: int | None = None) -> RotateOuterSumTiles:
-  """Tiles of the fused backward kernel (`kernels/rotate_outer_sum.py`).
+def rotate_outer_sum_tiles(block_size: int, tokens: int, num_blocks: int | None = None) -> RotateOuterSumTiles | None:
+  """Tiles of the fused backward kernel (`kernels/rotate_outer_sum.py`), or None where
+  the separate rotation and outer-sum kernels are faster.
 
-  Each program holds a `rows x B` float32 cotangent and loads a `B x tokens` tile of
-  the shared operand per step, so both shrink as `B` grows: 64 rows and 64 tokens up
-  to b = 256, 32 and 32 at b = 512 (32 KB of the shared operand per stage). Programs
-  stream over the tokens; where a side has fewer than two waves of programs, the
-  tokens are split over more, down to 512 tokens a range.
+  Measured on the H100 (bf16, N = 2048, device time of one side, fused against the
+  pair; raw/run83_fused_backward_sweep.txt, raw/run84_fused_backward_sweep.txt):
+
+  * b = 256, D = 14336 (56 blocks): 128-row tiles, 64-token steps, 8 warps, three
+    stages, one token range: 81.1 against 120.9 µs (output side), 81.0 against 116.9
+    (input side). 64-row tiles took 105–108 µs, two stages 105.5, two ranges 107.2.
+  * b = 256, D = 5632 (22 blocks) and 4096 (16): 64-row tiles over 4 warps, four
+    stages: 38.1 against 53.8 µs at 5632 (one range; two: 52.2), 30.6 against 40.3 at
+    4096 with two token ranges (one: 35.3). 128-row tiles: 59.6 and 38.3.
+  * b = 512: no tiling won (best 198.9 against 197.8 µs at 14336, 88.2 against 49.5 at
+    4096): a program's `B x tokens` operand tile and `rows x B` cotangent leave too
+    little shared memory and registers for a pipeline. The pair runs there.
+
+  Not measured: blocks under 256 (the 256 tiles, capped at the block, are used) and
+  token counts other than 2048; with many tokens the ranges follow the outer sums'
+  rule of about two waves of programs, 1024 tokens a range at least.
   """
-  rows = min(block_size, 64 if block_size <= 256 else 32)
-  token_tile = min(64 if block_size <= 256 else 32, max(16, _next_pow2(tokens)))
+  if block_size > 256:
+    return None
+  wide = (num_blocks or 1 << 30) * (block_size // min(block_size, 128)) >= 96
+  if wide:
+    rows, warps, stages = min(block_size, 128), 8, 3
+  else:
+    rows, warps, stages = min(block_size, 64), 4, 4
   programs = (num_blocks or 1 << 30) * (block_size // rows)
   splits = 1
-  if programs < 2 * H100_SMS:
-    splits = max(1, min(math.ceil(2 * H100_SMS / programs), tokens // 512))
-  return RotateOuterSumTiles(rows=rows, tokens=token_tile, num_warps=8, num_stages=2, splits=splits)
+  if programs < 80:
+    splits = max(1, min(math.ceil(2 * H100_SMS / programs), tokens // 1024))
+  token_tile = min(64, max(16, _next_pow2(tokens)))
+  return RotateOuterSumTiles(rows=rows, tokens=token_tile, num_warps=warps, num_stages=stages, splits=splits)

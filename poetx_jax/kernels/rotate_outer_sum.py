@@ -15,6 +15,9 @@ feeds both products from it. A program owns a `rows`-row slice of one block: the
 slice's rotated rows for every token step, and its `rows x B` cotangent rows,
 accumulated over the token steps (over one token range when the caller splits the
 tokens to fill the GPU; the ranges' partial cotangents are then added).
+
+At b = 512 no tiling beat the two kernels apart (`block_sizes.rotate_outer_sum_tiles`),
+so there this function runs them.
 """
 
 from __future__ import annotations
@@ -26,14 +29,12 @@ import jax
 import jax.numpy as jnp
 
 from poetx_jax import rotation
-from poetx_jax.kernels import block_outer_sum, block_sizes
+from poetx_jax.kernels import block_outer_sum, block_rotation, block_sizes
 from poetx_jax.kernels import triton_backend as tb
 
 
 def rotate_outer_sum_reference(s_DxN, gather_s, a_DxN, gather_a, g_RxBxB, scatter, block_offset=0):
   """The same two results in plain jnp: `(out (D, N) in s's dtype, dG (R, B, B) float32)`."""
-  from poetx_jax.kernels import block_rotation  # pylint: disable=g-import-not-at-top
-
   num_blocks = rotation.blocks_used(s_DxN.shape[0], g_RxBxB, block_offset)
   g_used = jax.lax.slice_in_dim(g_RxBxB, block_offset, block_offset + num_blocks)
   out = block_rotation.block_rotate_reference(s_DxN, g_used, gather=gather_s, scatter=scatter, transpose=True)
@@ -85,6 +86,17 @@ def _kernel(*refs, block, block_offset, tokens_total, split_tokens, tiles, gathe
     tb.store(copy_ref.at[r + block_offset, rows[:, None], whole[None, :]], acc.astype(copy_ref.dtype))
 
 
+def _pair(into, s_DxN, gather_s, a_DxN, gather_a, g_RxBxB, scatter, block_offset, interpret, copy_into):
+  """The same results from the separate rotation and outer-sum kernels."""
+  sums = block_outer_sum.block_outer_sum_into(
+      into, a_DxN, gather_a, s_DxN, gather_s, block_offset, interpret=interpret, copy_into=copy_into
+  )
+  rot = block_rotation.block_rotate(
+      s_DxN, g_RxBxB, gather=gather_s, scatter=scatter, transpose=True, interpret=interpret, block_offset=block_offset
+  )
+  return (rot, sums) if copy_into is None else (rot, *sums)
+
+
 def rotate_outer_sum_into(
     into, s_DxN, gather_s, a_DxN, gather_a, g_RxBxB, scatter, block_offset, *, interpret=False, copy_into=None,
     tiles=None,
@@ -108,7 +120,9 @@ def rotate_outer_sum_into(
     interpret: run in the Pallas interpreter.
     copy_into: optional second buffer like `into`, in any float dtype, that gets the
       same blocks rounded (the Cayley backward's bfloat16 operand).
-    tiles: `block_sizes.RotateOuterSumTiles`, or None for the rule there.
+    tiles: `block_sizes.RotateOuterSumTiles`, or None for the rule there, which
+      picks the separate rotation and outer-sum kernels where they measured faster
+      (b = 512).
 
   Returns:
     `(rot (D, N) in s's dtype, dG)`, or `(rot, dG, copy)` with `copy_into`.
@@ -123,6 +137,8 @@ def rotate_outer_sum_into(
   if copy_into is not None and copy_into.shape != into.shape:
     raise ValueError(f"copy_into must have the result's shape {into.shape}, got {copy_into.shape}.")
   tiles = tiles or block_sizes.rotate_outer_sum_tiles(block, n, num_blocks)
+  if tiles is None:  # measured faster apart at this block size (see the rule)
+    return _pair(into, s_DxN, gather_s, a_DxN, gather_a, g_RxBxB, scatter, block_offset, interpret, copy_into)
   # Token ranges of whole steps; recounted, as rounding each range up can cover all
   # tokens with fewer (then none is empty).
   split_tokens = tb.cdiv(tb.cdiv(n, tiles.splits), tiles.tokens) * tiles.tokens
