@@ -252,6 +252,18 @@ class RotateOuterSumBase(KernelCase):
     assert relative_error(dg[1:], dg_ref) < self.tol("float32")
     np.testing.assert_array_equal(dg[0], held[0])
 
+  @pytest.mark.parametrize("rows,tokens,want_rows,want_splits", [
+      (14336, 2048, 128, 1), (5632, 2048, 64, 1), (4096, 2048, 64, 2),  # the layer benchmark's sides
+      (5632, 32768, 128, 3), (2048, 32768, 64, 4),  # llama1b's microbatch
+      (1280, 131072, 128, 13), (512, 131072, 64, 16),  # llama60m's step
+  ])
+  def test_tile_rule_picks_the_measured_winners(self, rows, tokens, want_rows, want_splits):
+    """The rule's model reproduces the fastest tilings of raw/run83, run84, run86 and run87."""
+    tiles = block_sizes.rotate_outer_sum_tiles(256, tokens, rows // 256)
+    assert (tiles.rows, tiles.splits) == (want_rows, want_splits)
+    programs = (rows // 256) * (256 // tiles.rows) * tiles.splits
+    assert programs <= block_sizes.H100_SMS or tiles.splits == 1  # split ranges fill at most one wave
+
   def test_bad_buffers_raise(self):
     s = jnp.zeros((32, 4))
     with pytest.raises(ValueError, match="float32"):

@@ -209,33 +209,48 @@ def rotate_outer_sum_tiles(block_size: int, tokens: int, num_blocks: int | None 
   """Tiles of the fused backward kernel (`kernels/rotate_outer_sum.py`), or None where
   the separate rotation and outer-sum kernels are faster.
 
-  Measured on the H100 (bf16, N = 2048, device time of one side, fused against the
-  pair; raw/run83_fused_backward_sweep.txt, raw/run84_fused_backward_sweep.txt):
+  Two tilings, both 64-token steps: 128-row slices over 8 warps and three stages, or
+  64-row slices over 4 warps and four stages. Either holds one program per
+  multiprocessor, and per row and token they ran equally fast once the GPU was full
+  (H100, bf16, device time of one side: raw/run83_fused_backward_sweep.txt,
+  raw/run84_fused_backward_sweep.txt, raw/run86_fused_backward_tokens.txt):
 
-  * b = 256, D = 14336 (56 blocks): 128-row tiles, 64-token steps, 8 warps, three
-    stages, one token range: 81.1 against 120.9 µs (output side), 81.0 against 116.9
-    (input side). 64-row tiles took 105–108 µs, two stages 105.5, two ranges 107.2.
-  * b = 256, D = 5632 (22 blocks) and 4096 (16): 64-row tiles over 4 warps, four
-    stages: 38.1 against 53.8 µs at 5632 (one range; two: 52.2), 30.6 against 40.3 at
-    4096 with two token ranges (one: 35.3). 128-row tiles: 59.6 and 38.3.
-  * b = 512: no tiling won (best 198.9 against 197.8 µs at 14336, 88.2 against 49.5 at
-    4096): a program's `B x tokens` operand tile and `rows x B` cotangent leave too
-    little shared memory and registers for a pipeline. The pair runs there.
+  * 128 rows: 81.1 µs at D = 14336, N = 2048 (112 programs, 0.040 µs a token step);
+    439.3 µs at D = 5632, N = 32768 in 3 token ranges (132 programs, 0.040).
+  * 64 rows: 158.6 µs at D = 512, N = 131072 in 16 ranges (128 programs, 0.019);
+    161.4 µs at D = 2048, N = 32768 in 4 ranges (128 programs, 0.020).
+  * What hurt was an almost empty last wave: D = 1280, N = 131072 took 620.2 µs in 7
+    ranges (140 programs: two waves) against 469.4 in 28; and each token range costs a
+    partial sum added afterwards: 43.2 µs at D = 5632, N = 2048 with 128 rows in two
+    ranges against 38.1 with 64 rows in one.
 
-  Not measured: blocks under 256 (the 256 tiles, capped at the block, are used) and
-  token counts other than 2048; with many tokens the ranges follow the outer sums'
-  rule of about two waves of programs, 1024 tokens a range at least.
+  So each tiling gets as many token ranges as fit in one wave (at least 1024 tokens
+  each), its cost is its number of waves × tokens per range × rows, and the cheaper
+  wins; within 5% of the cheapest, fewer ranges win, then 128 rows (81.1 against 105.2
+  µs at D = 14336, N = 2048, where both cost one full 2048-token pass). Checked on the
+  two cases the model alone picked (raw/run87_fused_backward_check.txt, N = 131072):
+  at D = 1280, 128 rows in 13 ranges took 397.0 µs, 64 rows in 6 ranges 392.9; at
+  D = 512 the model's first pick, 128 rows in 33 ranges (3% cheaper by the model),
+  took 172.9 µs against 158.0 for 64 rows in 16, hence the 5%. Where these picks were
+  measured the fused kernel took 24–40% less time than the pair (30.6 against 40.3 µs
+  at D = 4096, N = 2048; 161.4 against 271.0 at D = 2048, N = 32768; 158.0 against
+  239.4 at D = 512, N = 131072).
+
+  b = 512: no tiling won (best 198.9 against 197.8 µs at 14336, 88.2 against 49.5 at
+  4096, N = 2048): a program's `512 x tokens` operand tile and `rows x 512` cotangent
+  leave too little shared memory and too few registers for a pipeline. None: the
+  separate kernels run there. Blocks under 256 use the same rule, not swept.
   """
   if block_size > 256:
     return None
-  wide = (num_blocks or 1 << 30) * (block_size // min(block_size, 128)) >= 96
-  if wide:
-    rows, warps, stages = min(block_size, 128), 8, 3
-  else:
-    rows, warps, stages = min(block_size, 64), 4, 4
-  programs = (num_blocks or 1 << 30) * (block_size // rows)
-  splits = 1
-  if programs < 80:
-    splits = max(1, min(math.ceil(2 * H100_SMS / programs), tokens // 1024))
-  token_tile = min(64, max(16, _next_pow2(tokens)))
-  return RotateOuterSumTiles(rows=rows, tokens=token_tile, num_warps=warps, num_stages=stages, splits=splits)
+  choices = []
+  for rows, warps, stages in ((128, 8, 3), (64, 4, 4)):
+    rows = min(rows, block_size)
+    programs = (num_blocks or 1 << 30) * (block_size // rows)
+    splits = max(1, min(H100_SMS // programs, tokens // 1024))
+    waves = math.ceil(programs * splits / H100_SMS)
+    cost = waves * math.ceil(tokens / splits) * rows
+    choices.append((cost, splits, -rows, RotateOuterSumTiles(rows, 64, warps, stages, splits)))
+  cheapest = min(cost for cost, *_ in choices)
+  near = [c for c in choices if c[0] <= 1.05 * cheapest]  # within the model's error: fewer ranges
+  return min(near, key=lambda c: c[1:3])[3]
