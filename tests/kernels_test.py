@@ -237,6 +237,24 @@ class RotateOuterSumBase(KernelCase):
     assert relative_error(rot, rot_xla) < self.tol("float32")
     assert relative_error(dg, dg_xla) < self.tol("float32")
 
+  def test_split_ranges_into_fresh_buffers(self, rng):
+    """A layer's first side: fresh result buffers, several token ranges; its blocks are right."""
+    block, rows_blocks, tokens, offset = 16, 2, 70, 1
+    d = block * rows_blocks
+    s, a = (jnp.asarray(rng.standard_normal((d, tokens)), jnp.float32) for _ in range(2))
+    g = jnp.asarray(rng.standard_normal((4, block, block)) / np.sqrt(block), jnp.float32)
+    gather_s = jnp.asarray(rng.permutation(d), jnp.int32)
+    tiles = block_sizes.RotateOuterSumTiles(rows=16, tokens=16, num_warps=4, num_stages=2, splits=3)
+    fresh, copy = jax.ShapeDtypeStruct(g.shape, jnp.float32), jax.ShapeDtypeStruct(g.shape, jnp.bfloat16)
+    rot, dg, dg_copy = rotate_outer_sum.rotate_outer_sum_into(
+        fresh, s, gather_s, a, None, g, None, offset, interpret=self.interpret, copy_into=copy, tiles=tiles
+    )
+    rot_ref, dg_ref = rotate_outer_sum.rotate_outer_sum_reference(s, gather_s, a, None, g, None, offset)
+    assert dg.shape == g.shape and dg_copy.dtype == jnp.bfloat16
+    assert relative_error(rot, rot_ref) < self.tol("float32")
+    assert relative_error(dg[offset:offset + rows_blocks], dg_ref) < self.tol("float32")
+    np.testing.assert_array_equal(dg_copy[offset:offset + rows_blocks], dg[offset:offset + rows_blocks].astype(jnp.bfloat16))
+
   def test_at_b512_the_separate_kernels_run_and_agree(self, rng):
     """b = 512 measured slower fused: the rule says so, and the pair gives the same results."""
     assert block_sizes.rotate_outer_sum_tiles(512, 2048, 28) is None
