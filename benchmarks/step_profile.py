@@ -25,6 +25,7 @@ from benchmarks import compile_time, kernel_profile
 KINDS = (
     ("gemm", re.compile(r"nvjet|gemm|cutlass|xmma|cublas|dot", re.I)),
     ("cayley", re.compile(r"poetx_cayley")),
+    ("rotation + outer sum (fused)", re.compile(r"poetx_rotate_outer_sum")),
     ("rotation", re.compile(r"poetx_block_rotate")),
     ("outer_sum", re.compile(r"poetx_block_outer_sum")),
     ("transpose", re.compile(r"transpose", re.I)),
