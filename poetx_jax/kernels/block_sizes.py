@@ -205,6 +205,9 @@ class RotateOuterSumTiles:
   splits: int = 1  # token ranges run by separate programs, their partial cotangents added after
 
 
+FUSED_MIN_RANGE_TOKENS = 1024  # the fewest tokens one range of the fused backward kernel sums
+
+
 def rotate_outer_sum_tiles(block_size: int, tokens: int, num_blocks: int | None = None) -> RotateOuterSumTiles | None:
   """Tiles of the fused backward kernel (`kernels/rotate_outer_sum.py`), or None where
   the separate rotation and outer-sum kernels are faster.
@@ -247,7 +250,7 @@ def rotate_outer_sum_tiles(block_size: int, tokens: int, num_blocks: int | None 
   for rows, warps, stages in ((128, 8, 3), (64, 4, 4)):
     rows = min(rows, block_size)
     programs = (num_blocks or 1 << 30) * (block_size // rows)
-    splits = max(1, min(H100_SMS // programs, tokens // 1024))
+    splits = max(1, min(H100_SMS // programs, tokens // FUSED_MIN_RANGE_TOKENS))
     waves = math.ceil(programs * splits / H100_SMS)
     cost = waves * math.ceil(tokens / splits) * rows
     choices.append((cost, splits, -rows, RotateOuterSumTiles(rows, 64, warps, stages, splits)))
