@@ -79,13 +79,14 @@ def main(argv=None):
       sets = [_inputs(d, n, block, seed) for seed in range(3)]
       # reads s and a, writes the rotation: 3 passes of D x N bf16
       print(f"D={d} N={n} b={block}: fused memory floor {3 * d * n * 2 / 3.0e12 * 1e6:.1f} µs at 3 TB/s", flush=True)
-      rule = block_sizes.rotate_outer_sum_tiles(block, n, d // block)
+      rule = block_sizes.rotate_outer_sum_tiles(block, n, d // block)  # None: the pair runs (b = 512)
       sizes = CANDIDATES["small" if block <= 256 else "large"]
-      candidates = [rule] + [
-          T(rows=r, tokens=t, num_warps=w, num_stages=st, splits=rule.splits)
-          for r, t, w, st in sizes if r <= block and (r, t, w, st) != (rule.rows, rule.tokens, rule.num_warps, rule.num_stages)
+      rule_tiles = (rule.rows, rule.tokens, rule.num_warps, rule.num_stages) if rule else None
+      candidates = ([rule] if rule else []) + [
+          T(rows=r, tokens=t, num_warps=w, num_stages=st, splits=rule.splits if rule else 1)
+          for r, t, w, st in sizes if r <= block and (r, t, w, st) != rule_tiles
       ]
-      if rule.splits > 1:  # the same tiles with other token splits
+      if rule and rule.splits > 1:  # the same tiles with other token splits
         candidates += [dataclasses.replace(rule, splits=s) for s in (1, 2 * rule.splits) if s != rule.splits]
       if args.tiles:
         candidates = [T(*(int(v) for v in spec.split(":"))) for spec in args.tiles.split(",")]

@@ -1,8 +1,8 @@
 """Implementations of the layer's primitives, chosen by `implementation` (DESIGN §2).
 
 A backend bundles the Cayley–Neumann map (forward and backward apart, with the
-state the forward may keep for the backward) and the three data-path primitives of
-`rotation.py`. `"xla"` is plain jnp and runs anywhere; `"pallas"` is the Triton
+state the forward may keep for the backward) and the data-path primitives of
+`rotation.py`: the forward's two rotations and the backward's fused sides. `"xla"` is plain jnp and runs anywhere; `"pallas"` is the Triton
 kernels of `poetx_jax.kernels` (GPU, or interpreted on any backend); None picks
 by measurement on the H100 (bf16, N = 2048; benchmarks/results/layer_h100.json):
 Pallas on a GPU wherever its kernels apply (power-of-two blocks of 16 or more),
@@ -43,7 +43,6 @@ class Backend:
   cayley_backward: Callable[..., jax.Array]
   gather_rotate: Callable[..., jax.Array]  # rotation.gather_rotate
   rotate_gather: Callable[..., jax.Array]  # rotation.rotate_gather
-  block_outer_sum_into: Callable[..., jax.Array]  # rotation.block_outer_sum_into
   rotate_outer_sum_into: Callable[..., tuple]  # rotation.rotate_outer_sum_into
 
 
@@ -66,7 +65,6 @@ XLA = Backend(
     cayley_backward=xla_cayley_backward,
     gather_rotate=rotation.gather_rotate,
     rotate_gather=rotation.rotate_gather,
-    block_outer_sum_into=rotation.block_outer_sum_into,
     rotate_outer_sum_into=rotation.rotate_outer_sum_into,
 )
 

@@ -276,7 +276,8 @@ class RotateOuterSumBase(KernelCase):
       (1280, 131072, 128, 13), (512, 131072, 64, 16),  # llama60m's step
   ])
   def test_tile_rule_picks_the_measured_winners(self, rows, tokens, want_rows, want_splits):
-    """The rule's model reproduces the fastest tilings of raw/run83, run84, run86 and run87."""
+    """The rule's picks at the swept shapes, each within 1% of the fastest tiling measured
+    there (raw/run83, run84, run86, run87; at D = 1280 it picks 397.0 µs, 392.9 measured)."""
     tiles = block_sizes.rotate_outer_sum_tiles(256, tokens, rows // 256)
     assert (tiles.rows, tiles.splits) == (want_rows, want_splits)
     programs = (rows // 256) * (256 // tiles.rows) * tiles.splits

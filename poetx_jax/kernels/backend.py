@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 from poetx_jax import backends
-from poetx_jax.kernels import block_outer_sum, block_rotation, rotate_outer_sum
+from poetx_jax.kernels import block_rotation, rotate_outer_sum
 from poetx_jax.kernels import cayley_neumann as cayley_kernel
 
 
@@ -55,6 +55,5 @@ def make_backend(interpret: bool) -> backends.Backend:
       cayley_backward=functools.partial(_cayley_backward, interpret=interpret),
       gather_rotate=functools.partial(block_rotation.gather_rotate, interpret=interpret),
       rotate_gather=functools.partial(block_rotation.rotate_gather, interpret=interpret),
-      block_outer_sum_into=functools.partial(block_outer_sum.block_outer_sum_into, interpret=interpret),
       rotate_outer_sum_into=functools.partial(_rotate_outer_sum_into, interpret=interpret),
   )

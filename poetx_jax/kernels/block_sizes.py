@@ -218,8 +218,9 @@ def rotate_outer_sum_tiles(block_size: int, tokens: int, num_blocks: int | None 
   (H100, bf16, device time of one side: raw/run83_fused_backward_sweep.txt,
   raw/run84_fused_backward_sweep.txt, raw/run86_fused_backward_tokens.txt):
 
-  * 128 rows: 81.1 µs at D = 14336, N = 2048 (112 programs, 0.040 µs a token step);
-    439.3 µs at D = 5632, N = 32768 in 3 token ranges (132 programs, 0.040).
+  * 128 rows: 81.1 µs at D = 14336, N = 2048 (112 programs, 0.040 µs per token of a
+    program's range); 439.3 µs at D = 5632, N = 32768 in 3 token ranges (132
+    programs, 0.040).
   * 64 rows: 158.6 µs at D = 512, N = 131072 in 16 ranges (128 programs, 0.019);
     161.4 µs at D = 2048, N = 32768 in 4 ranges (128 programs, 0.020).
   * What hurt was an almost empty last wave: D = 1280, N = 131072 took 620.2 µs in 7

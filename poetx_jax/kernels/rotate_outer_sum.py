@@ -112,7 +112,7 @@ def rotate_outer_sum_into(
     s_DxN: the shared operand, `(D, N)`, `D = R·B`: rotated, and the right factor of
       the cotangents. The rotation runs in its dtype (accumulating in float32).
     gather_s: optional `(D,)` int32: row `i` of `S` is row `gather_s[i]` of `s`.
-    a_DxN: the cotangents' left factor, `(D, N)`, any float dtype.
+    a_DxN: the cotangents' left factor, `(D, N)`, any float dtype (multiplied in `s`'s).
     gather_a: optional `(D,)` int32 row gather of `a`.
     g_RxBxB: the blocks (`rot = G·S` per block, `G`'s orientation of the backward).
     scatter: optional `(D,)` int32 permutation: rotated row `j` goes to row `scatter[j]`.
@@ -137,6 +137,8 @@ def rotate_outer_sum_into(
   if copy_into is not None and copy_into.shape != into.shape:
     raise ValueError(f"copy_into must have the result's shape {into.shape}, got {copy_into.shape}.")
   tiles = tiles or block_sizes.rotate_outer_sum_tiles(block, n, num_blocks)
+  if tiles is not None and block % tiles.rows:
+    raise ValueError(f"fused backward tiles {tiles} do not divide block size {block}: rows must.")
   if tiles is None:  # measured faster apart at this block size (see the rule)
     return _pair(into, s_DxN, gather_s, a_DxN, gather_a, g_RxBxB, scatter, block_offset, interpret, copy_into)
   # Token ranges of whole steps; recounted, as rounding each range up can cover all
