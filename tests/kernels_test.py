@@ -221,21 +221,40 @@ class RotateOuterSumBase(KernelCase):
     np.testing.assert_array_equal(dg_copy[:offset], held_copy[:offset])
     np.testing.assert_array_equal(dg_copy[offset:end], dg[offset:end].astype(jnp.bfloat16))
 
-  def test_fresh_buffer_and_the_xla_composition_agree(self, rng):
+  @pytest.mark.parametrize("side", ["output", "input"])
+  def test_fresh_buffer_and_the_xla_composition_agree(self, rng, side):
     """Into a fresh buffer, without a copy; and `rotation.rotate_outer_sum_into` (the XLA
-    backend's, gathering the output by the inverse of the kernel's scatter) gives the same."""
+    backend's, gathering the output by the inverse of the kernel's scatter) gives the same
+    blocks, at a block offset, on either side's permutation pattern."""
     from poetx_jax import rotation
 
-    block, rows_blocks, tokens = 16, 2, 40
+    block, rows_blocks, tokens, offset = 16, 2, 40, 1
     d = block * rows_blocks
     s, a = (jnp.asarray(rng.standard_normal((d, tokens)), jnp.float32) for _ in range(2))
-    g = jnp.asarray(rng.standard_normal((rows_blocks, block, block)), jnp.float32)
-    gather_a, scatter = (jnp.asarray(rng.permutation(d), jnp.int32) for _ in range(2))
+    g = jnp.asarray(rng.standard_normal((rows_blocks + offset, block, block)), jnp.float32)
+    perm_1, perm_2 = (jnp.asarray(rng.permutation(d), jnp.int32) for _ in range(2))
+    gather_s, gather_a, scatter = (perm_1, None, None) if side == "output" else (None, perm_1, perm_2)
+    out_perm = None if scatter is None else jnp.argsort(scatter)
     fresh = jax.ShapeDtypeStruct(g.shape, jnp.float32)
-    rot, dg = rotate_outer_sum.rotate_outer_sum_into(fresh, s, None, a, gather_a, g, scatter, 0, interpret=self.interpret)
-    rot_xla, dg_xla = rotation.rotate_outer_sum_into(fresh, s, None, a, gather_a, g, 0, jnp.argsort(scatter), scatter)
+    rot, dg = rotate_outer_sum.rotate_outer_sum_into(fresh, s, gather_s, a, gather_a, g, scatter, offset, interpret=self.interpret)
+    rot_xla, dg_xla = rotation.rotate_outer_sum_into(fresh, s, gather_s, a, gather_a, g, offset, out_perm, scatter)
     assert relative_error(rot, rot_xla) < self.tol("float32")
-    assert relative_error(dg, dg_xla) < self.tol("float32")
+    assert relative_error(dg[offset:], dg_xla[offset:]) < self.tol("float32")
+
+  def test_the_rule_s_64_token_steps_over_several_ranges(self, rng):
+    """The production step width (64 tokens) with ranges of uneven length, in bfloat16."""
+    block, rows_blocks, tokens = 32, 2, 150  # ranges of 64, 64, 22 tokens
+    d = block * rows_blocks
+    s, a = (jnp.asarray(rng.standard_normal((d, tokens)), jnp.bfloat16) for _ in range(2))
+    g = jnp.asarray(rng.standard_normal((rows_blocks, block, block)) / np.sqrt(block), jnp.float32)
+    gather_s = jnp.asarray(rng.permutation(d), jnp.int32)
+    tiles = dataclasses.replace(block_sizes.rotate_outer_sum_tiles(block, tokens, rows_blocks), splits=3)
+    assert tiles.tokens == 64
+    fresh = jax.ShapeDtypeStruct(g.shape, jnp.float32)
+    rot, dg = rotate_outer_sum.rotate_outer_sum_into(fresh, s, gather_s, a, None, g, None, 0, interpret=self.interpret, tiles=tiles)
+    rot_ref, dg_ref = rotate_outer_sum.rotate_outer_sum_reference(s, gather_s, a, None, g, None)
+    assert relative_error(rot, rot_ref) < self.tol("bfloat16")
+    assert relative_error(dg, dg_ref) < self.tol("bfloat16")
 
   def test_split_ranges_into_fresh_buffers(self, rng):
     """A layer's first side: fresh result buffers, several token ranges; its blocks are right."""
