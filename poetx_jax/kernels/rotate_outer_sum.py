@@ -50,7 +50,7 @@ def _kernel(*refs, block, block_offset, tokens_total, split_tokens, tiles, gathe
   for _ in range(aliased):
     refs.pop(0)  # buffers written in place: their output refs are the same memory
   s_ref, a_ref, g_ref, rot_ref, dg_ref = refs[:5]
-  copy_ref = refs[5] if copy else None
+  copy_ref = refs[5] if copy else None  # (with several token ranges, refs[5:] are never written)
   r, row_tile = tb.program_id(0), tb.program_id(1)
   split = tb.program_id(2) if tiles.splits > 1 else 0
   rows = row_tile * tiles.rows + jnp.arange(tiles.rows)  # this program's rows of the block
@@ -78,12 +78,7 @@ def _kernel(*refs, block, block_offset, tokens_total, split_tokens, tiles, gathe
     return acc + tb.dot(a.astype(s.dtype), s.T)
 
   acc = jax.lax.fori_loop(0, split_tokens // tiles.tokens, step, jnp.zeros((tiles.rows, block), jnp.float32))
-  if tiles.splits > 1:  # one partial sum per token range, added by the caller
-    tb.store(dg_ref.at[split, r, rows[:, None], whole[None, :]], acc)
-    return
-  tb.store(dg_ref.at[r + block_offset, rows[:, None], whole[None, :]], acc)
-  if copy:
-    tb.store(copy_ref.at[r + block_offset, rows[:, None], whole[None, :]], acc.astype(copy_ref.dtype))
+  block_outer_sum.store_cotangent(acc, dg_ref, copy_ref, r, block_offset, rows, whole, split, tiles.splits)
 
 
 def _pair(into, s_DxN, gather_s, a_DxN, gather_a, g_RxBxB, scatter, block_offset, interpret, copy_into):
@@ -141,27 +136,15 @@ def rotate_outer_sum_into(
     raise ValueError(f"fused backward tiles {tiles} do not divide block size {block}: rows must.")
   if tiles is None:  # measured faster apart at this block size (see the rule)
     return _pair(into, s_DxN, gather_s, a_DxN, gather_a, g_RxBxB, scatter, block_offset, interpret, copy_into)
-  # Token ranges of whole steps; recounted, as rounding each range up can cover all
-  # tokens with fewer (then none is empty).
-  split_tokens = tb.cdiv(tb.cdiv(n, tiles.splits), tiles.tokens) * tiles.tokens
-  tiles = dataclasses.replace(tiles, splits=tb.cdiv(n, split_tokens))
+  split_tokens, splits = block_outer_sum.token_ranges(n, tiles.splits, tiles.tokens)
+  tiles = dataclasses.replace(tiles, splits=splits)
   operands = [p.astype(jnp.int32) for p in (gather_s, gather_a, scatter) if p is not None]
   grid = (num_blocks, block // tiles.rows)
-  rot_out = jax.ShapeDtypeStruct(s_DxN.shape, s_DxN.dtype)
-  fresh = [b for b in (into, copy_into) if isinstance(b, jax.ShapeDtypeStruct)]
   if tiles.splits > 1:
-    # The partial sums, and any fresh result buffer as an output the kernel never
-    # writes: the partials are then added into it in place (building a fresh buffer
-    # around them instead wrote all of it, 14.5 µs for a layer's 72 blocks, run 85).
-    dg_outputs = [jax.ShapeDtypeStruct((tiles.splits, num_blocks, block, block), jnp.float32)] + fresh
     grid += (tiles.splits,)
-  else:
-    dg_outputs = [into] if copy_into is None else [into, copy_into]
-  aliases = {}
-  for index, buffer in enumerate(dg_outputs):
-    if not isinstance(buffer, jax.ShapeDtypeStruct):
-      aliases[len(operands)] = 1 + index  # output 0 is the rotation
-      operands.append(buffer)
+  rot_out = jax.ShapeDtypeStruct(s_DxN.shape, s_DxN.dtype)
+  dg_outputs = block_outer_sum.cotangent_outputs(into, copy_into, tiles.splits, num_blocks, block, unwritten_fresh=True)
+  aliases = block_outer_sum.alias_held_buffers(operands, dg_outputs, 1)  # output 0 is the rotation
   kernel = functools.partial(
       _kernel, block=block, block_offset=block_offset, tokens_total=n,
       split_tokens=split_tokens, tiles=tiles, gather_s=gather_s is not None, gather_a=gather_a is not None,
@@ -173,10 +156,5 @@ def rotate_outer_sum_into(
       num_warps=tiles.num_warps, num_stages=tiles.num_stages, input_output_aliases=aliases,
   )
   rot, *dg = call(*operands, s_DxN, a_DxN, g_RxBxB.astype(s_DxN.dtype))
-  if tiles.splits == 1:
-    return (rot, *dg)
-  partials, *made = dg
-  made = iter(made)
-  into, copy_into = (next(made) if b is not None and any(b is f for f in fresh) else b for b in (into, copy_into))
-  placed = block_outer_sum.add_partials(partials, into, block_offset, copy_into)
+  placed = block_outer_sum.placed_cotangents(dg, into, copy_into, block_offset, tiles.splits, unwritten_fresh=True)
   return (rot, placed) if copy_into is None else (rot, *placed)
