@@ -26,3 +26,25 @@ def test_script_imports_and_parses_its_arguments(script):
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "usage:" in result.stdout
+
+
+def test_mosaic_probe_product_matches_einsum():
+  """The probe's Mosaic GPU product, interpreted on the CPU, against a float32 einsum
+  (so the timings it reports are of a correct product), persistent or not."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+  if not hasattr(plgpu, "force_gpu_interpret_mode"):
+    pytest.skip(f"jax {jax.__version__} has no Mosaic GPU interpreter")
+  from benchmarks import batched_matmul_probe as probe
+
+  a = jax.random.normal(jax.random.key(0), (3, 128, 192), jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (3, 192, 128), jnp.bfloat16)
+  want = np.einsum("rmk,rkn->rmn", np.asarray(a, np.float32), np.asarray(b, np.float32))
+  for tiles in (probe.MatmulTiles(64, 64), probe.MatmulTiles(128, 64, 64, 2, programs=2)):
+    with plgpu.force_gpu_interpret_mode():
+      got = np.asarray(probe.batched_matmul(a, b, tiles, out_dtype=jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  with pytest.raises(ValueError, match="must divide"):
+    probe.batched_matmul(a, b, probe.MatmulTiles(128, 256))
