@@ -50,10 +50,11 @@ def test_mosaic_probe_product_matches_einsum():
     probe.batched_matmul(a, b, probe.MatmulTiles(128, 256))
 
 
-def test_layer_in_context_gives_the_same_gradients_for_dense_and_poetx_at_identity():
+@pytest.mark.parametrize("context", ["norm_silu", "gated_residual"])
+def test_layer_in_context_gives_the_same_gradients_for_dense_and_poetx_at_identity(context):
   """With every generator zero (G = I) and identity permutations, POET-X is the dense
-  layer: the in-context benchmark then gets the same output and input/scale gradients
-  from both, so both rows time the same computation."""
+  layer: the in-context benchmark then gets the same output and input gradients from
+  both, so both rows time the same computation."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -63,10 +64,11 @@ def test_layer_in_context_gives_the_same_gradients_for_dense_and_poetx_at_identi
   a = {k: (v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v) for k, v in a.items()}
   a.update(q_in=jnp.zeros_like(a["q_in"]), q_out=jnp.zeros_like(a["q_out"]),
            perm_in_inv=jnp.arange(64, dtype=jnp.int32), perm_out=jnp.arange(96, dtype=jnp.int32))
-  dense_out, (dense_dx, dense_dscale, _) = bench.dense_fn()(a)
-  poet_out, (poet_dx, poet_dscale, (dq_in, dq_out)) = bench.poet_fn(32, "fast", "xla", False)(a)
+  dense_out, (*dense_grads, _) = bench.dense_fn(context)(a)
+  poet_out, (*poet_grads, (dq_in, dq_out)) = bench.poet_fn(32, "fast", "xla", False, context=context)(a)
   np.testing.assert_allclose(poet_out, dense_out, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(poet_dx, dense_dx, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(poet_dscale, dense_dscale, rtol=1e-4, atol=1e-3)
+  assert len(poet_grads) == (2 if context == "norm_silu" else 3)
+  for got, want in zip(poet_grads, dense_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
   assert dq_in.shape == a["q_in"].shape and dq_out.shape == a["q_out"].shape
   assert float(jnp.abs(dq_in).max()) > 0 and float(jnp.abs(dq_out).max()) > 0
