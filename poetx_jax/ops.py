@@ -30,29 +30,33 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from poetx_jax import backends, cayley, permutation, rotation
 
 VARIANTS = ("fast", "mem")
 
 
-# Whether the four layout changes at the layer's boundary (x, y, dy, dx) run as transposes
-# of their own, each behind an optimization barrier, rather than inside whatever fusion
-# XLA builds with the neighbouring ops.
-SEPARATE_BOUNDARY_TRANSPOSES = True
+# Whether the token-major arrays at the layer's boundary (x, y, dy, dx) are pinned to
+# row-major layouts, so that the four transposes happen at the boundary and not in
+# whatever layouts XLA would otherwise give the neighbouring ops.
+ROW_MAJOR_BOUNDARY = True
+
+
+def _row_major(a):
+  if not ROW_MAJOR_BOUNDARY:
+    return a
+  return with_layout_constraint(a, Layout(major_to_minor=tuple(range(a.ndim))))
 
 
 def _feature_major(a_NxD):
-  """`a_NxD.T`, transposed on its own (see SEPARATE_BOUNDARY_TRANSPOSES)."""
-  if SEPARATE_BOUNDARY_TRANSPOSES:
-    a_NxD = jax.lax.optimization_barrier(a_NxD)
-  return a_NxD.T
+  """`a_NxD.T`, from a row-major `a_NxD` (see ROW_MAJOR_BOUNDARY)."""
+  return _row_major(a_NxD).T
 
 
 def _token_major(a_DxN):
-  """`a_DxN.T`, handed on as its own array (see SEPARATE_BOUNDARY_TRANSPOSES)."""
-  a_NxD = a_DxN.T
-  return jax.lax.optimization_barrier(a_NxD) if SEPARATE_BOUNDARY_TRANSPOSES else a_NxD
+  """`a_DxN.T`, handed on row-major (see ROW_MAJOR_BOUNDARY)."""
+  return _row_major(a_DxN.T)
 
 
 def _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision):
