@@ -30,33 +30,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.layout import Layout, with_layout_constraint
 
 from poetx_jax import backends, cayley, permutation, rotation
 
 VARIANTS = ("fast", "mem")
-
-
-# Whether the token-major arrays at the layer's boundary (x, y, dy, dx) are pinned to
-# row-major layouts, so that the four transposes happen at the boundary and not in
-# whatever layouts XLA would otherwise give the neighbouring ops.
-ROW_MAJOR_BOUNDARY = True
-
-
-def _row_major(a):
-  if not ROW_MAJOR_BOUNDARY:
-    return a
-  return with_layout_constraint(a, Layout(major_to_minor=tuple(range(a.ndim))))
-
-
-def _feature_major(a_NxD):
-  """`a_NxD.T`, from a row-major `a_NxD` (see ROW_MAJOR_BOUNDARY)."""
-  return _row_major(a_NxD).T
-
-
-def _token_major(a_DxN):
-  """`a_DxN.T`, handed on row-major (see ROW_MAJOR_BOUNDARY)."""
-  return _row_major(a_DxN.T)
 
 
 def _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision):
@@ -142,26 +119,25 @@ def _poet_layer_fwd(backend, keep_hidden, keep_cayley_state, precision, block_si
   g_RxBxB, cayley_state = backend.cayley_forward(
       q_RxE, block_size, neumann_terms, out_dtype=x_NI.dtype, keep_state=keep_cayley_state, **settings
   )
-  x_IxN = _feature_major(x_NI)  # feature-major inside the layer: permutations move whole rows
+  x_IxN = x_NI.T  # feature-major inside the layer: permutations move whole rows
   h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
   y_OxN = backend.rotate_gather(h_OxN, g_RxBxB, perm_out, perm_out_inv, block_offset=x_NI.shape[-1] // block_size)
   saved_h = h_OxN if keep_hidden else None
   # x is saved as it came (by reference: layers reading the same input, like q/k/v,
   # share it) and flattened and transposed again in the backward; a saved `x_IxN`
   # would be one more array per layer, stacked per layer under `nn.scan`.
-  y = _token_major(y_OxN).reshape(x.shape[:-1] + (y_OxN.shape[0],))
-  return y, (x, saved_h, k_IxO, qs, g_RxBxB, cayley_state, perms)
+  return y_OxN.T.reshape(x.shape[:-1] + (y_OxN.shape[0],)), (x, saved_h, k_IxO, qs, g_RxBxB, cayley_state, perms)
 
 
 def _poet_layer_bwd(backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, residuals, dy):
   del keep_hidden, keep_cayley_state
   x, h_OxN, k_IxO, qs, g_RxBxB, cayley_state, perms = residuals
-  x_IxN = _feature_major(x.reshape(-1, x.shape[-1]))
+  x_IxN = x.reshape(-1, x.shape[-1]).T
   perm_in_inv, perm_in, _, perm_out_inv = _with_inverses(perms)
   blocks_in = x_IxN.shape[0] // block_size
   if h_OxN is None:  # mem: recompute the hidden state, one extra large GEMM
     h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
-  dy_OxN = _feature_major(dy.reshape(-1, dy.shape[-1]))
+  dy_OxN = dy.reshape(-1, dy.shape[-1]).T
   settings = _cayley_settings(x_IxN.dtype, precision)
   # The Cayley backward multiplies dG in its operand dtype: with bfloat16 operands the
   # outer sums also write that rounded copy (no separate cast of the cotangent).
@@ -180,7 +156,7 @@ def _poet_layer_bwd(backend, keep_hidden, keep_cayley_state, precision, block_si
       _joined(qs), dg_RxBxB, block_size, neumann_terms, state=cayley_state, dg_operand=copy, **settings
   )
   dqs = (dq_RxE[:blocks_in].astype(qs[0].dtype), dq_RxE[blocks_in:].astype(qs[1].dtype))
-  return _token_major(dx_IxN).reshape(x.shape), None, dqs, None
+  return dx_IxN.T.reshape(x.shape), None, dqs, None
 
 
 _poet_layer.defvjp(_poet_layer_fwd, _poet_layer_bwd)
