@@ -16,13 +16,14 @@ Forward + backward with respect to every input (the norm's scale included) and t
 layer's trainable parameters: the kernel for dense, the generators for POET-X. Per
 context, shape, block size and token count: wall ms (median of rotating inputs) and
 device ms (profiler trace), both as ratios to dense, and the device µs of kernels
-whose name says `transpose` (XLA names a fusion after the transpose it contains, so
-these also do the neighbours' own work). bf16 throughout.
+whose name says `transpose`: standalone transposes, or fusions XLA names after a
+transpose they contain, which may also do the neighbours' work. bf16 throughout.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +106,8 @@ def main(argv=None):
   if [c for c in contexts if c not in CONTEXTS]:
     raise SystemExit(f"unknown --contexts in {contexts}; choose from {tuple(CONTEXTS)}.")
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-  records = layer_bench.JsonRecords(args.out, dict(device=jax.devices()[0].device_kind, jax=jax.__version__))
+  records = layer_bench.JsonRecords(args.out, dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                                                   command="python -m benchmarks.layer_in_context " + " ".join(argv or sys.argv[1:])))
   for context, tokens in ((c, int(t)) for c in contexts for t in args.tokens.split(",")):
     for shape in args.shapes.split(","):
       d_in, d_out = (int(s) for s in shape.split("x"))
