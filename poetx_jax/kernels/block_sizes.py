@@ -54,6 +54,17 @@ def rotation_tiles(block_size: int, tokens: int) -> RotationTiles:
 
 
 @dataclasses.dataclass(frozen=True)
+class StationaryRotationTiles:
+  """Tiles of the rotation's G-stationary form: a program keeps its `rows x B` slice of
+  `G_r` and walks one token range in `tokens`-wide steps."""
+  rows: int  # output rows per program (a slice of one block's B rows)
+  tokens: int  # tokens per step
+  num_warps: int
+  num_stages: int = 2
+  splits: int = 1  # token ranges, one program each (no partial sums: each writes its own tokens)
+
+
+@dataclasses.dataclass(frozen=True)
 class OuterSumTiles:
   rows: int  # rows of a per program
   cols: int  # rows of g per program
