@@ -82,30 +82,6 @@ class BlockRotationBase(KernelCase):
     with pytest.raises(ValueError, match="block_offset"):
       block_rotation.block_rotate(jnp.zeros((64, 8)), jnp.zeros((2, 32, 32)), block_offset=1, interpret=True)
 
-  @pytest.mark.parametrize("block,rows_blocks,tokens,rows,splits", [
-      (32, 3, 37, 16, 1), (32, 2, 200, 32, 3), (64, 2, 130, 32, 2), (16, 2, 5, 16, 4)])
-  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-  @pytest.mark.parametrize("gather,scatter,transpose", [(True, False, False), (False, True, False), (True, True, True)])
-  def test_stationary_form_matches_the_reference(self, rng, block, rows_blocks, tokens, rows, splits, dtype, gather,
-                                                 scatter, transpose):
-    """The G-stationary form (a program per row slice and token range): every token
-    range, uneven last steps and a block offset, against the reference."""
-    d, offset = block * rows_blocks, 1
-    a = jnp.asarray(rng.standard_normal((d, tokens)), dtype)
-    g = jnp.asarray(rng.standard_normal((rows_blocks + 1, block, block)) / np.sqrt(block), dtype)
-    perm_g = jnp.asarray(rng.permutation(d), jnp.int32) if gather else None
-    perm_s = jnp.asarray(rng.permutation(d), jnp.int32) if scatter else None
-    tiles = block_sizes.StationaryRotationTiles(rows=rows, tokens=16, num_warps=4, num_stages=2, splits=splits)
-    out = block_rotation._launch(a, g, perm_g, perm_s, transpose, self.interpret, tiles, block_offset=offset)  # pylint: disable=protected-access
-    want = block_rotation.block_rotate_reference(a, g[offset:], perm_g, perm_s, transpose)
-    assert out.dtype == a.dtype
-    assert relative_error(out, want) < self.tol(dtype)
-
-  def test_stationary_rows_must_divide_the_block(self):
-    tiles = block_sizes.StationaryRotationTiles(rows=24, tokens=16, num_warps=4)
-    with pytest.raises(ValueError, match="rows must"):
-      block_rotation._launch(jnp.zeros((64, 8)), jnp.zeros((2, 32, 32)), None, None, False, True, tiles)  # pylint: disable=protected-access
-
 
 class BlockOuterSumBase(KernelCase):
   @pytest.mark.parametrize("block,rows_blocks,tokens", [(16, 3, 37), (32, 2, 100), (128, 1, 17)])

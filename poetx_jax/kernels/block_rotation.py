@@ -15,7 +15,6 @@ scatter), its backward, and its own VJP.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -80,75 +79,11 @@ def _kernel(*refs, block, block_offset, tokens_total, tiles, transpose, gather, 
   tb.store(o_ref.at[dest[:, None], tokens[None, :]], acc.astype(o_ref.dtype), mask=token_mask)
 
 
-def _stationary_kernel(*refs, block, block_offset, tokens_total, range_tokens, tiles, transpose, gather, scatter,
-                       widen):
-  """The same map, each program holding its `rows x B` slice of `M_r` for a whole token range.
-
-  `widen`: multiply in float32 (the same products, exact for bfloat16 operands), for
-  the interpreter: with one step a range, XLA's CPU runtime is left a lone bfloat16 x
-  bfloat16 -> float32 dot, which it does not implement.
-  """
-  refs = list(refs)
-  gather_ref = refs.pop(0) if gather else None
-  scatter_ref = refs.pop(0) if scatter else None
-  a_ref, g_ref, o_ref = refs
-  r, row_tile = tb.program_id(0), tb.program_id(1)
-  split = tb.program_id(2) if tiles.splits > 1 else 0
-  g_r = r + block_offset
-  rows = row_tile * tiles.rows + jnp.arange(tiles.rows)
-  whole = jnp.arange(block)
-  source = r * block + whole
-  if gather:
-    source = tb.load(gather_ref.at[source])
-  dest = r * block + rows
-  if scatter:
-    dest = tb.load(scatter_ref.at[dest])
-  if transpose:  # M_r = G_r
-    m = tb.load(g_ref.at[g_r, rows[:, None], whole[None, :]])
-  else:  # M_r = G_rᵀ
-    m = tb.load(g_ref.at[g_r, whole[:, None], rows[None, :]]).T
-  first = split * range_tokens
-
-  def step(k, carry):
-    tokens = first + k * tiles.tokens + jnp.arange(tiles.tokens)
-    mask = (tokens < tokens_total)[None, :]
-    a = tb.load(a_ref.at[source[:, None], tokens[None, :]], mask=mask, other=0)
-    rot = tb.dot(m.astype(jnp.float32), a.astype(jnp.float32), jax.lax.Precision.HIGHEST) if widen else tb.dot(m, a)
-    tb.store(o_ref.at[dest[:, None], tokens[None, :]], rot.astype(o_ref.dtype), mask=mask)
-    return carry
-
-  jax.lax.fori_loop(0, range_tokens // tiles.tokens, step, 0)
-
-
-def _launch_stationary(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, tiles, block_offset, num_blocks):
-  _, block, _ = g_RxBxB.shape
-  if block % tiles.rows:
-    raise ValueError(f"rotation tiles {tiles} do not divide block size {block}: rows must.")
-  n = a_DxN.shape[1]
-  range_tokens, splits = block_outer_sum.token_ranges(n, tiles.splits, tiles.tokens)
-  tiles = dataclasses.replace(tiles, splits=splits)
-  kernel = functools.partial(
-      _stationary_kernel, block=block, block_offset=block_offset, tokens_total=n, range_tokens=range_tokens,
-      tiles=tiles, transpose=transpose, gather=gather is not None, scatter=scatter is not None, widen=interpret,
-  )
-  grid = (num_blocks, block // tiles.rows) + ((splits,) if splits > 1 else ())
-  perms = [p.astype(jnp.int32) for p in (gather, scatter) if p is not None]
-  call = tb.pallas_call(
-      kernel, grid=grid, out_shape=jax.ShapeDtypeStruct(a_DxN.shape, a_DxN.dtype), name="poetx_block_rotate",
-      interpret=interpret, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-  )
-  return call(*perms, a_DxN, g_RxBxB)
-
-
 def _launch(a_DxN, g_RxBxB, gather, scatter, transpose, interpret, tiles=None, block_offset=0):
   _, block, _ = g_RxBxB.shape
   d, n = a_DxN.shape
   num_blocks = rotation.blocks_used(d, g_RxBxB, block_offset)
   tiles = tiles or block_sizes.rotation_tiles(block, n)
-  if isinstance(tiles, block_sizes.StationaryRotationTiles):
-    return _launch_stationary(
-        a_DxN, g_RxBxB.astype(a_DxN.dtype), gather, scatter, transpose, interpret, tiles, block_offset, num_blocks
-    )
   # Every token tile re-reads its block's G: cast once (a no-op when the caller
   # already holds G in the activations' dtype, as the layer does), not per tile.
   g_RxBxB = g_RxBxB.astype(a_DxN.dtype)

@@ -47,21 +47,18 @@ def rotation_tiles(block_size: int, tokens: int) -> RotationTiles:
   loads could be pipelined behind the last products: 76–90 µs at D = 14336, b = 256
   (raw/run44_persistent_sweep.txt). Nor did 64-row tiles over 4 warps, which won for the
   Cayley map's products (raw/run76_rotation_sweep.txt): 66.3 / 62.3 against 61.6 / 57.6 µs
-  at D = 14336, b = 256; 113.2 / 98.3 against 93.0 / 83.3 at b = 512.
+  at D = 14336, b = 256; 113.2 / 98.3 against 93.0 / 83.3 at b = 512. Nor, tried again
+  with the backward fused kernel's tilings (128 rows over 8 warps in 3 stages, or 64
+  over 4 in 4; 64-token steps, as 128-token ones ran out of shared memory; token
+  ranges filling one to eight waves), the
+  G-stationary form at the train steps' token counts (raw/run101_rotation_forms.txt,
+  commit 8e2bb15, since removed): at D = 14336, N = 32768, 890.1 / 890.3 against
+  848.5 / 808.1 µs (gather / scatter) for these tiles; at D = 2048, 123.7 / 123.6
+  against 125.5 / 119.3; at N = 2048 it won only the gather at D = 14336 (59.4 against
+  61.8 µs) and lost the rest.
   """
   token_tile = min(128, max(16, _next_pow2(tokens)))
   return RotationTiles(rows=min(block_size, 128), tokens=token_tile, depth=min(64, block_size), num_warps=8, num_stages=3)
-
-
-@dataclasses.dataclass(frozen=True)
-class StationaryRotationTiles:
-  """Tiles of the rotation's G-stationary form: a program keeps its `rows x B` slice of
-  `G_r` and walks one token range in `tokens`-wide steps."""
-  rows: int  # output rows per program (a slice of one block's B rows)
-  tokens: int  # tokens per step
-  num_warps: int
-  num_stages: int = 2
-  splits: int = 1  # token ranges, one program each (no partial sums: each writes its own tokens)
 
 
 @dataclasses.dataclass(frozen=True)
