@@ -14,16 +14,19 @@ JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set; the same step 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 
 import jax
 import numpy as np
 
 from configs import base
-from benchmarks import synthetic
+from benchmarks import kernel_profile, step_profile, synthetic
 from poetx_jax import train_config, trainer
 
 
@@ -75,10 +78,34 @@ def measure(args, method: str, devices: int) -> dict:
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - start) / args.steps
+  if args.profile:
+    _print_kernel_kinds(compiled, state, batch, devices, steps=args.merge_interval)
   return {"model": args.model, "method": method, "gpus": devices, "parallelism": "fsdp" if args.fsdp else "data",
           "per_device_batch": args.per_device_batch, "seq_len": args.seq_len, "step_s": seconds,
           "tokens_per_sec_per_gpu": rows * args.seq_len / seconds / devices, "replicas_identical_after_merge": identical,
           "device": jax.devices()[0].device_kind}
+
+
+COLLECTIVE = re.compile(r"nccl|all.?reduce|all.?gather|reduce.?scatter|all.?to.?all|collective", re.I)
+
+
+def _print_kernel_kinds(compiled, state, batch, devices: int, steps: int) -> None:
+  """Kernel ms per step and device by kind (collectives apart) over `steps` steps (one
+  merge among them when `steps` is the merge interval): where scaling loses time."""
+  with tempfile.TemporaryDirectory() as log_dir:
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      for _ in range(steps):
+        state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+    kernels = [k for path in kernel_profile.trace_paths(log_dir) for k in kernel_profile.device_kernels(path)]
+  by_kind, by_name = collections.Counter(), collections.Counter()
+  for name, us in kernels:
+    by_kind["collective" if COLLECTIVE.search(name) else step_profile.kind_of(name)] += us / steps / devices / 1e3
+    by_name[name] += us / steps / devices / 1e3
+  print(f"  {devices} devices, kernel ms per step and device: "
+        + ", ".join(f"{kind} {ms:.1f}" for kind, ms in by_kind.most_common()), flush=True)
+  for name, ms in by_name.most_common(8):
+    print(f"    {ms:8.2f} ms  {name[:90]}", flush=True)
 
 
 def main(argv=None):
@@ -96,6 +123,7 @@ def main(argv=None):
   parser.add_argument("--remat", default="none")
   parser.add_argument("--scan_layers", type=lambda v: v.lower() == "true", default=True, help="true/false: nn.scan the blocks")
   parser.add_argument("--out", default=None)
+  parser.add_argument("--profile", action="store_true", help="also print each run's kernel time by kind (collectives apart)")
   args = parser.parse_args(argv)
   trainer.maybe_initialize_distributed()
   available = len(jax.devices())
