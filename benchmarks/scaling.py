@@ -89,9 +89,20 @@ def measure(args, method: str, devices: int) -> dict:
 COLLECTIVE = re.compile(r"nccl|all.?reduce|all.?gather|reduce.?scatter|all.?to.?all|collective", re.I)
 
 
+def kernel_kind(name: str) -> str:
+  """`step_profile`'s kinds, with communication kernels as "collective"."""
+  return "collective" if COLLECTIVE.search(name) else step_profile.kind_of(name)
+
+
 def _print_kernel_kinds(compiled, state, batch, devices: int, steps: int) -> None:
   """Kernel ms per step and device by kind (collectives apart) over `steps` steps (one
-  merge among them when `steps` is the merge interval): where scaling loses time."""
+  merge among them when `steps` is the merge interval): where scaling loses time.
+
+  The profiler records this process's devices only: the sums are divided by how many
+  of the `devices` used are local (all of them in one process; one per process when
+  each GPU has its own).
+  """
+  local = sum(d.process_index == jax.process_index() for d in jax.devices()[:devices])
   with tempfile.TemporaryDirectory() as log_dir:
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
       for _ in range(steps):
@@ -100,9 +111,9 @@ def _print_kernel_kinds(compiled, state, batch, devices: int, steps: int) -> Non
     kernels = [k for path in kernel_profile.trace_paths(log_dir) for k in kernel_profile.device_kernels(path)]
   by_kind, by_name = collections.Counter(), collections.Counter()
   for name, us in kernels:
-    by_kind["collective" if COLLECTIVE.search(name) else step_profile.kind_of(name)] += us / steps / devices / 1e3
-    by_name[name] += us / steps / devices / 1e3
-  print(f"  {devices} devices, kernel ms per step and device: "
+    by_kind[kernel_kind(name)] += us / steps / local / 1e3
+    by_name[name] += us / steps / local / 1e3
+  print(f"  {devices} devices ({local} in this process), kernel ms per step and device: "
         + ", ".join(f"{kind} {ms:.1f}" for kind, ms in by_kind.most_common()), flush=True)
   for name, ms in by_name.most_common(8):
     print(f"    {ms:8.2f} ms  {name[:90]}", flush=True)

@@ -29,3 +29,12 @@ def test_replica_check_detects_a_difference():
   broken = jax.make_array_from_single_device_arrays((4,), NamedSharding(mesh, PartitionSpec()), shards)
   same = jax.device_put(jnp.ones((4,)), NamedSharding(mesh, PartitionSpec()))
   assert scaling.replicas_identical({"a": same}) and not scaling.replicas_identical({"a": broken})
+
+
+def test_profile_kinds_put_communication_apart():
+  """`--profile` sorts NCCL kernels (named `ncclDevKernel_...` or `ncclKernel_...`) out of the other kinds."""
+  assert scaling.kernel_kind("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevComm*, unsigned long, ncclWork*)") == "collective"
+  assert scaling.kernel_kind("ncclKernel_AllGather_RING_LL_Sum_int8_t") == "collective"
+  assert scaling.kernel_kind("nvjet_sm90_tst_128x128_64x6_1x2_h_bz_NTT") == "gemm"
+  assert scaling.kernel_kind("poetx_cayley_dq") == "cayley"
+  assert scaling.kernel_kind("loop_select_fusion_14") == "other fusions"

@@ -49,8 +49,8 @@ def rotation_tiles(block_size: int, tokens: int) -> RotationTiles:
   Cayley map's products (raw/run76_rotation_sweep.txt): 66.3 / 62.3 against 61.6 / 57.6 µs
   at D = 14336, b = 256; 113.2 / 98.3 against 93.0 / 83.3 at b = 512. Nor, tried again
   with the backward fused kernel's tilings (128 rows over 8 warps in 3 stages, or 64
-  over 4 in 4; 64-token steps, as 128-token ones ran out of shared memory; token
-  ranges filling one to eight waves), the
+  over 4 in 4; 64-token steps, as 128-token ones ran out of shared memory; 1, 2, 4 or
+  8 times as many token ranges as fill one wave), the
   G-stationary form at the train steps' token counts (raw/run101_rotation_forms.txt,
   commit 8e2bb15, since removed): at D = 14336, N = 32768, 890.1 / 890.3 against
   848.5 / 808.1 µs (gather / scatter) for these tiles; at D = 2048, 123.7 / 123.6
