@@ -1,6 +1,7 @@
 """Is a Mosaic GPU product faster than the Triton ones of the Cayley–Neumann map?
 
   python -m benchmarks.batched_matmul_probe
+  python -m benchmarks.batched_matmul_probe --square   # the whole square kernel, epilogue included
 
 Device µs (profiler trace) of one batched block product `Q·Q` (bf16 operands, float32
 accumulation, bf16 result) per case `b x blocks`: the Cayley map's Triton square
@@ -90,6 +91,62 @@ def batched_matmul(a_RxMxK, b_RxKxN, tiles: MatmulTiles, out_dtype=None):
   return call(a_RxMxK, b_RxKxN)
 
 
+def square_with_polynomials(q_RxBxB, tiles: MatmulTiles):
+  """The Cayley map's whole square kernel (`Q2 = Q·Q`, `P = Q2 + 2Q`, `M = Q2 − 2Q`, all
+  in `q`'s dtype), as `batched_matmul` with the `Q` tile read in the epilogue: whether
+  Mosaic GPU's faster product survives the epilogue's memory traffic."""
+  r, b, _ = q_RxBxB.shape
+  if b % tiles.rows or b % tiles.cols or b % tiles.depth:
+    raise ValueError(f"tiles {tiles} must divide the {b} x {b} blocks.")
+  dtype = q_RxBxB.dtype
+  row_tiles, col_tiles = b // tiles.rows, b // tiles.cols
+  total = r * row_tiles * col_tiles
+
+  def body(q_gmem, q2_gmem, p_gmem, m_gmem):
+    @plgpu.nd_loop((total,), collective_axes="programs")
+    def _tile(info):
+      (index,) = info.index
+      blk = index // (row_tiles * col_tiles)
+      within = index % (row_tiles * col_tiles)
+      mi, ni = within // col_tiles, within % col_tiles
+      rows, cols = pl.ds(mi * tiles.rows, tiles.rows), pl.ds(ni * tiles.cols, tiles.cols)
+
+      def product(acc_ref):
+        plgpu.emit_pipeline(
+            lambda _, a_smem, b_smem: plgpu.wgmma(acc_ref, a_smem, b_smem),
+            grid=(b // tiles.depth,),
+            in_specs=[
+                plgpu.BlockSpec((tiles.rows, tiles.depth), lambda kk: (mi, kk), delay_release=1),
+                plgpu.BlockSpec((tiles.depth, tiles.cols), lambda kk: (kk, ni), delay_release=1),
+            ],
+            max_concurrent_steps=tiles.stages,
+        )(q_gmem.at[blk], q_gmem.at[blk])
+        return acc_ref[...]
+
+      acc = pl.run_scoped(product, plgpu.ACC((tiles.rows, tiles.cols)))
+
+      @functools.partial(pl.run_scoped, q_smem=plgpu.SMEM((tiles.rows, tiles.cols), dtype),
+                         out_smem=plgpu.SMEM((3, tiles.rows, tiles.cols), dtype), barrier=plgpu.Barrier())
+      def _epilogue(q_smem, out_smem, barrier):
+        plgpu.copy_gmem_to_smem(q_gmem.at[blk, rows, cols], q_smem, barrier)
+        plgpu.barrier_wait(barrier)
+        two_q = 2.0 * q_smem[...].astype(jnp.float32)
+        for slot, value in enumerate((acc, acc + two_q, acc - two_q)):
+          out_smem[slot] = value.astype(dtype)
+        plgpu.commit_smem()
+        for slot, out_gmem in enumerate((q2_gmem, p_gmem, m_gmem)):
+          plgpu.copy_smem_to_gmem(out_smem.at[slot], out_gmem.at[blk, rows, cols])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  out = jax.ShapeDtypeStruct((r, b, b), dtype)
+  call = plgpu.kernel(
+      body, out_type=(out, out, out), grid=(tiles.programs or total,), grid_names=("programs",),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+  )
+  return call(q_RxBxB)
+
+
+SQUARE_TILES = (MatmulTiles(64, 64, 64, 3), MatmulTiles(64, 128, 64, 3), MatmulTiles(128, 128, 64, 3))
 MOSAIC = (MatmulTiles(64, 64, 64, 3), MatmulTiles(64, 128, 64, 3), MatmulTiles(64, 128, 64, 4),
           MatmulTiles(128, 128, 64, 3), MatmulTiles(128, 128, 64, 4), MatmulTiles(64, 256, 64, 3),
           MatmulTiles(128, 128, 64, 4, programs=132), MatmulTiles(64, 128, 64, 4, programs=132),
@@ -99,8 +156,12 @@ MOSAIC = (MatmulTiles(64, 64, 64, 3), MatmulTiles(64, 128, 64, 3), MatmulTiles(6
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--cases", default="256x72,512x36,256x320,512x160")
+  parser.add_argument("--square", action="store_true",
+                      help="time the whole square kernel (Q2, Q2 + 2Q, Q2 - 2Q) instead of the product alone")
   args = parser.parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+  if args.square:
+    return _square_main(args.cases)
   for case in args.cases.split(","):
     block, blocks = (int(v) for v in case.split("x"))
     sets = [(jax.random.normal(jax.random.key(s), (blocks, block, block), jnp.bfloat16),) for s in range(4)]
@@ -122,6 +183,35 @@ def main(argv=None):
         print(f"b={block} blocks={blocks} mosaic {t}: failed {str(e).splitlines()[0][:150]}", flush=True)
         continue
       print(f"b={block} blocks={blocks} mosaic {t}: {us:7.1f} µs ({flops / us / 1e6:6.1f} TFLOP/s) rel err {err:.1e}", flush=True)
+
+
+def _square_main(cases):
+  """The Triton square kernel as the `fast` layer runs it (three outputs) against
+  `square_with_polynomials`, on skew-symmetric `Q` like the map's."""
+  for case in cases.split(","):
+    block, blocks = (int(v) for v in case.split("x"))
+    sets = []
+    for s in range(4):
+      q = 0.05 * jax.random.normal(jax.random.key(s), (blocks, block, block), jnp.float32)
+      sets.append(((q - jnp.swapaxes(q, 1, 2)).astype(jnp.bfloat16),))
+    q = np.asarray(sets[0][0], np.float32)
+    q2 = np.einsum("rij,rjk->rik", q, q)
+    want = (q2, q2 + 2 * q, q2 - 2 * q)
+    tiles = block_sizes.cayley_tiles(block, jnp.bfloat16, blocks)
+    square = functools.partial(cn._square_kernel, precision=None, signs=(1, -1))  # pylint: disable=protected-access
+    triton = jax.jit(lambda q: cn._square_blocks(square, "square", blocks, block, tiles, False, (jnp.bfloat16,) * 3, q))  # pylint: disable=protected-access
+    rows = [("triton", tiles, triton)] + [
+        ("mosaic", t, jax.jit(lambda q, t=t: square_with_polynomials(q, t)))
+        for t in SQUARE_TILES if t.rows <= block and t.cols <= block
+    ]
+    for name, t, fn in rows:
+      try:
+        err = max(float(np.max(np.abs(np.asarray(g, np.float32) - w)) / np.max(np.abs(w))) for g, w in zip(fn(*sets[0]), want))
+        us = kernel_profile.device_us(fn, sets)
+      except Exception as e:  # pylint: disable=broad-except  (report and go on)
+        print(f"b={block} blocks={blocks} square {name} {t}: failed {str(e).splitlines()[0][:150]}", flush=True)
+        continue
+      print(f"b={block} blocks={blocks} square {name} {t}: {us:7.1f} µs, max rel err {err:.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,27 @@ def test_layer_in_context_gives_the_same_gradients_for_dense_and_poetx_at_identi
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
   assert dq_in.shape == a["q_in"].shape and dq_out.shape == a["q_out"].shape
   assert float(jnp.abs(dq_in).max()) > 0 and float(jnp.abs(dq_out).max()) > 0
+
+
+def test_mosaic_probe_square_kernel_matches_its_three_outputs():
+  """The probe's whole Mosaic GPU square kernel, interpreted: `Q2`, `Q2 + 2Q`, `Q2 − 2Q`
+  of a skew-symmetric `Q` (the outputs differ, so a mixed-up epilogue fails)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+  if not hasattr(plgpu, "force_gpu_interpret_mode"):
+    pytest.skip(f"jax {jax.__version__} has no Mosaic GPU interpreter")
+  from benchmarks import batched_matmul_probe as probe
+
+  q = 0.1 * jax.random.normal(jax.random.key(2), (2, 128, 128), jnp.float32)
+  q = (q - jnp.swapaxes(q, 1, 2)).astype(jnp.bfloat16)
+  qf = np.asarray(q, np.float32)
+  q2 = np.einsum("rij,rjk->rik", qf, qf)
+  for tiles in (probe.MatmulTiles(64, 64), probe.MatmulTiles(64, 128, 64, 2, programs=2)):
+    with plgpu.force_gpu_interpret_mode():
+      got = [np.asarray(g, np.float32) for g in probe.square_with_polynomials(q, tiles)]
+    for g, want in zip(got, (q2, q2 + 2 * qf, q2 - 2 * qf)):
+      np.testing.assert_allclose(g, want, atol=2e-2 * np.abs(want).max())
+  with pytest.raises(ValueError, match="must divide"):
+    probe.square_with_polynomials(q, probe.MatmulTiles(96, 64))
