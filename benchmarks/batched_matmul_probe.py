@@ -38,23 +38,22 @@ class MatmulTiles:
   programs: int = 0  # persistent programs walking the tiles; 0: one program per tile
 
 
-def batched_matmul(a_RxMxK, b_RxKxN, tiles: MatmulTiles, out_dtype=None):
-  """`A_r · B_r` for every block `r`, float32 accumulation, in `out_dtype` (default `a`'s).
+def _tiled_products(a_RxMxK, b_RxKxN, tiles: MatmulTiles, out_types, epilogue):
+  """One Mosaic GPU kernel over every `rows x cols` tile of every block's `A_r · B_r`.
 
   Each program (one per tile, or `tiles.programs` walking them) pipelines TMA loads
   of its `rows x depth` and `depth x cols` operand tiles into one warpgroup MMA
-  accumulator, then stores the tile through shared memory. Dimensions must divide
-  by the tiles (a probe: no masking).
+  accumulator, then calls `epilogue(acc, a_gmem, block, rows, cols, *out_gmems)` to
+  store it. Dimensions must divide by the tiles (a probe: no masking).
   """
   r, m, k = a_RxMxK.shape
-  if m % tiles.rows or b_RxKxN.shape[-1] % tiles.cols or k % tiles.depth:
-    raise ValueError(f"tiles {tiles} must divide the blocks' {m} x {k} x {b_RxKxN.shape[-1]} product.")
-  _, _, n = b_RxKxN.shape
-  out_dtype = jnp.dtype(out_dtype or a_RxMxK.dtype)
+  n = b_RxKxN.shape[-1]
+  if m % tiles.rows or n % tiles.cols or k % tiles.depth:
+    raise ValueError(f"tiles {tiles} must divide the blocks' {m} x {k} x {n} product.")
   row_tiles, col_tiles = m // tiles.rows, n // tiles.cols
   total = r * row_tiles * col_tiles
 
-  def body(a_gmem, b_gmem, o_gmem):
+  def body(a_gmem, b_gmem, *out_gmems):
     @plgpu.nd_loop((total,), collective_axes="programs")
     def _tile(info):
       (index,) = info.index
@@ -75,75 +74,57 @@ def batched_matmul(a_RxMxK, b_RxKxN, tiles: MatmulTiles, out_dtype=None):
         return acc_ref[...]
 
       acc = pl.run_scoped(product, plgpu.ACC((tiles.rows, tiles.cols)))
-
-      @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tiles.rows, tiles.cols), out_dtype))
-      def _store(o_smem):
-        o_smem[...] = acc.astype(out_dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[blk, pl.ds(mi * tiles.rows, tiles.rows), pl.ds(ni * tiles.cols, tiles.cols)])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      rows, cols = pl.ds(mi * tiles.rows, tiles.rows), pl.ds(ni * tiles.cols, tiles.cols)
+      epilogue(acc, a_gmem, blk, rows, cols, *out_gmems)
 
   call = plgpu.kernel(
-      body, out_type=jax.ShapeDtypeStruct((r, m, n), out_dtype), grid=(tiles.programs or total,),
-      grid_names=("programs",),
+      body, out_type=out_types, grid=(tiles.programs or total,), grid_names=("programs",),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
   )
   return call(a_RxMxK, b_RxKxN)
+
+
+def batched_matmul(a_RxMxK, b_RxKxN, tiles: MatmulTiles, out_dtype=None):
+  """`A_r · B_r` for every block `r`, float32 accumulation, in `out_dtype` (default `a`'s);
+  each tile stored through shared memory."""
+  out_dtype = jnp.dtype(out_dtype or a_RxMxK.dtype)
+
+  def store(acc, a_gmem, blk, rows, cols, o_gmem):
+    del a_gmem
+
+    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tiles.rows, tiles.cols), out_dtype))
+    def _store(o_smem):
+      o_smem[...] = acc.astype(out_dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[blk, rows, cols])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  out = jax.ShapeDtypeStruct(a_RxMxK.shape[:2] + b_RxKxN.shape[-1:], out_dtype)
+  return _tiled_products(a_RxMxK, b_RxKxN, tiles, out, store)
 
 
 def square_with_polynomials(q_RxBxB, tiles: MatmulTiles):
   """The Cayley map's whole square kernel (`Q2 = Q·Q`, `P = Q2 + 2Q`, `M = Q2 − 2Q`, all
   in `q`'s dtype), as `batched_matmul` with the `Q` tile read in the epilogue: whether
   Mosaic GPU's faster product survives the epilogue's memory traffic."""
-  r, b, _ = q_RxBxB.shape
-  if b % tiles.rows or b % tiles.cols or b % tiles.depth:
-    raise ValueError(f"tiles {tiles} must divide the {b} x {b} blocks.")
   dtype = q_RxBxB.dtype
-  row_tiles, col_tiles = b // tiles.rows, b // tiles.cols
-  total = r * row_tiles * col_tiles
 
-  def body(q_gmem, q2_gmem, p_gmem, m_gmem):
-    @plgpu.nd_loop((total,), collective_axes="programs")
-    def _tile(info):
-      (index,) = info.index
-      blk = index // (row_tiles * col_tiles)
-      within = index % (row_tiles * col_tiles)
-      mi, ni = within // col_tiles, within % col_tiles
-      rows, cols = pl.ds(mi * tiles.rows, tiles.rows), pl.ds(ni * tiles.cols, tiles.cols)
+  def polynomials(acc, q_gmem, blk, rows, cols, *out_gmems):
+    @functools.partial(pl.run_scoped, q_smem=plgpu.SMEM((tiles.rows, tiles.cols), dtype),
+                       out_smem=plgpu.SMEM((3, tiles.rows, tiles.cols), dtype), barrier=plgpu.Barrier())
+    def _epilogue(q_smem, out_smem, barrier):
+      plgpu.copy_gmem_to_smem(q_gmem.at[blk, rows, cols], q_smem, barrier)
+      plgpu.barrier_wait(barrier)
+      two_q = 2.0 * q_smem[...].astype(jnp.float32)
+      for slot, value in enumerate((acc, acc + two_q, acc - two_q)):
+        out_smem[slot] = value.astype(dtype)
+      plgpu.commit_smem()
+      for slot, out_gmem in enumerate(out_gmems):
+        plgpu.copy_smem_to_gmem(out_smem.at[slot], out_gmem.at[blk, rows, cols])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-      def product(acc_ref):
-        plgpu.emit_pipeline(
-            lambda _, a_smem, b_smem: plgpu.wgmma(acc_ref, a_smem, b_smem),
-            grid=(b // tiles.depth,),
-            in_specs=[
-                plgpu.BlockSpec((tiles.rows, tiles.depth), lambda kk: (mi, kk), delay_release=1),
-                plgpu.BlockSpec((tiles.depth, tiles.cols), lambda kk: (kk, ni), delay_release=1),
-            ],
-            max_concurrent_steps=tiles.stages,
-        )(q_gmem.at[blk], q_gmem.at[blk])
-        return acc_ref[...]
-
-      acc = pl.run_scoped(product, plgpu.ACC((tiles.rows, tiles.cols)))
-
-      @functools.partial(pl.run_scoped, q_smem=plgpu.SMEM((tiles.rows, tiles.cols), dtype),
-                         out_smem=plgpu.SMEM((3, tiles.rows, tiles.cols), dtype), barrier=plgpu.Barrier())
-      def _epilogue(q_smem, out_smem, barrier):
-        plgpu.copy_gmem_to_smem(q_gmem.at[blk, rows, cols], q_smem, barrier)
-        plgpu.barrier_wait(barrier)
-        two_q = 2.0 * q_smem[...].astype(jnp.float32)
-        for slot, value in enumerate((acc, acc + two_q, acc - two_q)):
-          out_smem[slot] = value.astype(dtype)
-        plgpu.commit_smem()
-        for slot, out_gmem in enumerate((q2_gmem, p_gmem, m_gmem)):
-          plgpu.copy_smem_to_gmem(out_smem.at[slot], out_gmem.at[blk, rows, cols])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-  out = jax.ShapeDtypeStruct((r, b, b), dtype)
-  call = plgpu.kernel(
-      body, out_type=(out, out, out), grid=(tiles.programs or total,), grid_names=("programs",),
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-  )
-  return call(q_RxBxB)
+  out = jax.ShapeDtypeStruct(q_RxBxB.shape, dtype)
+  return _tiled_products(q_RxBxB, q_RxBxB, tiles, (out, out, out), polynomials)
 
 
 SQUARE_TILES = (MatmulTiles(64, 64, 64, 3), MatmulTiles(64, 128, 64, 3), MatmulTiles(128, 128, 64, 3))
