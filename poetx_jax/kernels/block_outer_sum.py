@@ -32,6 +32,13 @@ def block_outer_sum_reference(a_DxN, perm_a, g_DxN, perm_g, block_size):
   )
 
 
+def block_rows(perm_ref, r, block, within):
+  """Rows `r·B + within` of a `(D, N)` operand, read through `perm_ref` (a row gather
+  or scatter) when there is one: the row indices every kernel here loads or stores."""
+  rows = r * block + within
+  return rows if perm_ref is None else tb.load(perm_ref.at[rows])
+
+
 def _kernel(*refs, block, block_offset, tokens_total, split_tokens, tiles, gather_a, gather_g, aliased, copy):
   refs = list(refs)
   perm_a_ref = refs.pop(0) if gather_a else None
@@ -43,12 +50,8 @@ def _kernel(*refs, block, block_offset, tokens_total, split_tokens, tiles, gathe
   r, row_tile, col_tile = tb.program_id(0), tb.program_id(1), tb.program_id(2)
   rows = row_tile * tiles.rows + jnp.arange(tiles.rows)
   cols = col_tile * tiles.cols + jnp.arange(tiles.cols)
-  source_a = r * block + rows
-  source_g = r * block + cols
-  if gather_a:
-    source_a = tb.load(perm_a_ref.at[source_a])
-  if gather_g:
-    source_g = tb.load(perm_g_ref.at[source_g])
+  source_a = block_rows(perm_a_ref, r, block, rows)
+  source_g = block_rows(perm_g_ref, r, block, cols)
 
   split = tb.program_id(3) if tiles.splits > 1 else 0
   first = split * split_tokens  # this program's token range: [first, first + split_tokens)

@@ -73,9 +73,7 @@ def _kernel(*refs, block, block_offset, tokens_total, tiles, transpose, gather, 
     return acc + tb.dot(m, a)
 
   acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((tiles.rows, tiles.tokens), jnp.float32))
-  dest = r * block + rows
-  if scatter:
-    dest = tb.load(scatter_ref.at[dest])
+  dest = block_outer_sum.block_rows(scatter_ref, r, block, rows)
   tb.store(o_ref.at[dest[:, None], tokens[None, :]], acc.astype(o_ref.dtype), mask=token_mask)
 
 

@@ -55,15 +55,9 @@ def _kernel(*refs, block, block_offset, tokens_total, split_tokens, tiles, gathe
   split = tb.program_id(2) if tiles.splits > 1 else 0
   rows = row_tile * tiles.rows + jnp.arange(tiles.rows)  # this program's rows of the block
   whole = jnp.arange(block)
-  source_s = r * block + whole
-  source_a = r * block + rows
-  if gather_s:
-    source_s = tb.load(gather_s_ref.at[source_s])
-  if gather_a:
-    source_a = tb.load(gather_a_ref.at[source_a])
-  dest = r * block + rows
-  if scatter:
-    dest = tb.load(scatter_ref.at[dest])
+  source_s = block_outer_sum.block_rows(gather_s_ref, r, block, whole)
+  source_a = block_outer_sum.block_rows(gather_a_ref, r, block, rows)
+  dest = block_outer_sum.block_rows(scatter_ref, r, block, rows)
   # This slice of G, `rows x B`, is the same for every token step: loaded once.
   g_slice = tb.load(g_ref.at[r + block_offset, rows[:, None], whole[None, :]])
   first = split * split_tokens
