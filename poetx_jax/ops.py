@@ -30,10 +30,19 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from poetx_jax import backends, cayley, permutation, rotation
 
 VARIANTS = ("fast", "mem")
+
+# The name of each layer's orthogonal blocks `G` under `jax.checkpoint`: a remat policy
+# that saves it (`jax.checkpoint_policies.save_only_these_names(BLOCKS_CHECKPOINT_NAME)`,
+# combined with the caller's own) keeps the Cayley–Neumann forward from running again
+# in the backward. `G` is small (`B` values per feature: `B/N` of the activation it
+# rotates), so saving it costs little memory. The Cayley intermediates that
+# `keep_cayley_state` keeps carry the same name.
+BLOCKS_CHECKPOINT_NAME = "poetx_blocks"
 
 
 def _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision):
@@ -119,6 +128,7 @@ def _poet_layer_fwd(backend, keep_hidden, keep_cayley_state, precision, block_si
   g_RxBxB, cayley_state = backend.cayley_forward(
       q_RxE, block_size, neumann_terms, out_dtype=x_NI.dtype, keep_state=keep_cayley_state, **settings
   )
+  g_RxBxB, cayley_state = checkpoint_name((g_RxBxB, cayley_state), BLOCKS_CHECKPOINT_NAME)
   x_IxN = x_NI.T  # feature-major inside the layer: permutations move whole rows
   h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
   y_OxN = backend.rotate_gather(h_OxN, g_RxBxB, perm_out, perm_out_inv, block_offset=x_NI.shape[-1] // block_size)

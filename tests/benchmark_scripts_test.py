@@ -96,3 +96,36 @@ def test_mosaic_probe_square_kernel_matches_its_three_outputs():
       np.testing.assert_allclose(g, want, atol=2e-2 * np.abs(want).max())
   with pytest.raises(ValueError, match="must divide"):
     probe.square_with_polynomials(q, probe.MatmulTiles(96, 64))
+
+
+@pytest.mark.parametrize("keep_hidden", [True, False])
+def test_layer_floor_ideal_layer_has_the_blockwise_layers_gradients(keep_hidden):
+  """The floor benchmark's best-case layer computes `y = x·BD(G_in)·K·BD(G_out)` and its
+  hand-written VJP gives autodiff's gradients (x, G_in, G_out; K frozen), so the time it
+  reports is of the whole forward and backward, fast (h kept) or mem (h recomputed)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from benchmarks import layer_floor
+
+  k = jax.random.split(jax.random.key(3), 5)
+  block, n, d_in, d_out = 8, 12, 16, 24
+  x = jax.random.normal(k[0], (n, d_in))
+  kernel = jax.random.normal(k[1], (d_in, d_out))
+  g_in = jax.random.normal(k[2], (d_in // block, block, block))
+  g_out = jax.random.normal(k[3], (d_out // block, block, block))
+  dy = jax.random.normal(k[4], (n, d_out))
+
+  def blockwise(x_ND, g):
+    r = g.shape[0]
+    return jnp.einsum("nrb,rbc->nrc", x_ND.reshape(n, r, block), g).reshape(x_ND.shape)
+
+  def reference(x, gi, go):
+    return blockwise(blockwise(x, gi) @ kernel, go)
+
+  with jax.default_matmul_precision("highest"):
+    y, vjp = jax.vjp(lambda x, gi, go: layer_floor.ideal_layer(x, kernel, gi, go, keep_hidden), x, g_in, g_out)
+    y_ref, vjp_ref = jax.vjp(reference, x, g_in, g_out)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
+    for got, want in zip(vjp(dy), vjp_ref(dy)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)

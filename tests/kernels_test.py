@@ -540,8 +540,9 @@ def test_every_kernel_lowers_to_triton_for_an_h100(block):
       assert f'name = "{name}"' in module, name
 
 
+@pytest.mark.parametrize("policy", ["nothing_saveable", "llama_dots"])
 @pytest.mark.parametrize("variant,keep_cayley_state", [("fast", False), ("mem", False), ("fast", True), ("mem", True)])
-def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_times(variant, keep_cayley_state):
+def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_times(variant, keep_cayley_state, policy):
   """A wrapped two-layer model's jitted, rematerialized loss + gradient, lowered for an H100.
 
   Per wrapped layer: the forward runs 2 rotations (gather, scatter) and, for both sides
@@ -549,8 +550,11 @@ def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_t
   runs, per side, its rotation fused with its outer sum, and 3 Cayley kernels (∇2, dense dQ, packing), plus
   unpack and square again unless `keep_cayley_state` kept their results.
   Rematerialization (`jax.checkpoint`) re-runs the forward inside the backward, keeping
-  only what the backward needs.
+  only what the backward needs; with nothing saved, all of it. The LLaMA model's "dots"
+  policy saves the large GEMM's output `h` (a dot) and the blocks `G` (by name), so only
+  the output rotation runs again.
   """
+  from poetx_jax.models import llama
 
   import flax.linen as nn
   import poetx_jax
@@ -569,25 +573,27 @@ def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_t
   variables = jax.eval_shape(lambda: shapes_only.init(jax.random.key(0), x))
 
   def train_step(variables, x):
-    loss = jax.checkpoint(lambda params: jnp.sum(model.apply({**variables, "params": params}, x).astype(jnp.float32) ** 2))
+    loss = jax.checkpoint(lambda params: jnp.sum(model.apply({**variables, "params": params}, x).astype(jnp.float32) ** 2),
+                          policy=None if policy == "nothing_saveable" else llama._REMAT_POLICIES["dots"])
     return jax.value_and_grad(loss)(variables["params"])
 
   module = triton_backend.lower_for_h100(train_step, variables, jax.ShapeDtypeStruct(x.shape, x.dtype))
   layers = 2
   recomputed = 1 if variant == "mem" else 0
   cayley_again = 0 if keep_cayley_state else 1
+  forward_again = 1 if policy == "nothing_saveable" else 0  # the Cayley forward and the input rotation
   expected = {
       # forward and forward again (remat); mem's backward rotates the input again to
       # recompute h. The backward's rotations are fused with its outer sums, so the first
       # layer's `dx`, which nothing reads, is still computed (apart, XLA dropped that one
       # rotation as dead code: one launch of 12 in this model, none in a LLaMA model,
       # whose first wrapped layers' inputs carry the embedding's gradient).
-      "poetx_block_rotate": layers * (2 + 2 + recomputed),
+      "poetx_block_rotate": layers * (2 + 1 + forward_again + recomputed),
       "poetx_block_outer_sum": 0,  # fused with the backward's rotations:
       "poetx_rotate_outer_sum": layers * 2,  # one per side
-      "poetx_cayley_skew": layers * (1 + 1 + cayley_again),  # forward, forward again, (backward)
-      "poetx_cayley_square": layers * (1 + 1 + cayley_again),
-      "poetx_cayley_neumann": layers * (1 + 1),
+      "poetx_cayley_skew": layers * (1 + forward_again + cayley_again),  # forward, (forward again), (backward)
+      "poetx_cayley_square": layers * (1 + forward_again + cayley_again),
+      "poetx_cayley_neumann": layers * (1 + forward_again),
       "poetx_cayley_grad2": layers,
       "poetx_cayley_dq": layers,
       "poetx_cayley_pack": layers,

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from poetx_jax import ops
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -32,7 +34,7 @@ class LlamaConfig:
     dtype: computation dtype ("bfloat16" on GPUs).
     param_dtype: storage dtype of the parameters (and of POET-X's frozen base kernels).
     remat: rematerialize each block in the backward ("none", "full", or "dots":
-      keep the matmul outputs without batch dimensions).
+      keep the matmul outputs without batch dimensions, and POET-X's blocks `G`).
     init_std: standard deviation of the normal initializers (0.02).
     attention: `jax.nn.dot_product_attention` implementation: None (XLA picks), "xla", "cudnn".
     scan_layers: run the blocks as one `nn.scan` (parameters stacked on a leading
@@ -150,7 +152,12 @@ class ScannedBlock(Block):
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The projections' outputs, as for any dense model, and each POET-X layer's blocks
+    # `G`, so that the backward does not run the Cayley–Neumann forward again.
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(ops.BLOCKS_CHECKPOINT_NAME),
+    ),
 }
 
 
