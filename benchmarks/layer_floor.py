@@ -67,8 +67,8 @@ def _ideal_fwd(x_NI, k_IxO, g_in, g_out, keep_hidden):
 def _ideal_bwd(keep_hidden, residuals, dy_NO):
   x_IxN, h_OxN, k_IxO, g_in, g_out = residuals
   block = g_in.shape[-1]
-  if h_OxN is None:  # mem: the third large GEMM
-    h_OxN = k_IxO.T @ _rotate(g_in, x_IxN)
+  if h_OxN is None:  # mem: the third large GEMM (behind a barrier: XLA would reuse the forward's)
+    h_OxN = k_IxO.T @ _rotate(g_in, jax.lax.optimization_barrier(x_IxN))
   dy_OxN = _transpose(dy_NO)
   dg_out = _outer_sum(h_OxN, dy_OxN, block)
   dxr_IxN = k_IxO @ _rotate(g_out, dy_OxN, transpose=True)
