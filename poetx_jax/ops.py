@@ -36,12 +36,14 @@ from poetx_jax import backends, cayley, permutation, rotation
 
 VARIANTS = ("fast", "mem")
 
-# The name of each layer's orthogonal blocks `G` under `jax.checkpoint`: a remat policy
-# that saves it (`jax.checkpoint_policies.save_only_these_names(BLOCKS_CHECKPOINT_NAME)`,
-# combined with the caller's own) keeps the Cayley–Neumann forward from running again
-# in the backward. `G` is small (`B` values per feature: `B/N` of the activation it
-# rotates), so saving it costs little memory. The Cayley intermediates that
-# `keep_cayley_state` keeps carry the same name.
+# The name of each layer's orthogonal blocks `G` under `jax.checkpoint`. A remat policy
+# that also saves it (`jax.checkpoint_policies.save_only_these_names(...)`, combined
+# with the caller's own through `save_from_both_policies`) keeps the Cayley–Neumann
+# forward from running again in the backward, for `B` saved values per feature (`B/N`
+# of the activation it rotates) and a copy per layer under `nn.scan`. The Cayley
+# intermediates that `keep_cayley_state` keeps carry the same name. Measured on the
+# LLaMA models it is close to even, so their "dots" policy leaves it out (see
+# `models/llama.py`).
 BLOCKS_CHECKPOINT_NAME = "poetx_blocks"
 
 

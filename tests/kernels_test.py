@@ -540,7 +540,7 @@ def test_every_kernel_lowers_to_triton_for_an_h100(block):
       assert f'name = "{name}"' in module, name
 
 
-@pytest.mark.parametrize("policy", ["nothing_saveable", "llama_dots"])
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_and_blocks"])
 @pytest.mark.parametrize("variant,keep_cayley_state", [("fast", False), ("mem", False), ("fast", True), ("mem", True)])
 def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_times(variant, keep_cayley_state, policy):
   """A wrapped two-layer model's jitted, rematerialized loss + gradient, lowered for an H100.
@@ -550,11 +550,16 @@ def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_t
   runs, per side, its rotation fused with its outer sum, and 3 Cayley kernels (∇2, dense dQ, packing), plus
   unpack and square again unless `keep_cayley_state` kept their results.
   Rematerialization (`jax.checkpoint`) re-runs the forward inside the backward, keeping
-  only what the backward needs; with nothing saved, all of it. The LLaMA model's "dots"
-  policy saves the large GEMM's output `h` (a dot) and the blocks `G` (by name), so only
-  the output rotation runs again.
+  only what the backward needs; with nothing saved, all of it. A policy that saves dots
+  and the blocks' checkpoint name keeps the large GEMM's output `h` and the blocks `G`,
+  so only the output rotation runs again.
   """
-  from poetx_jax.models import llama
+  from poetx_jax import ops
+
+  dots_and_blocks = jax.checkpoint_policies.save_from_both_policies(
+      jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+      jax.checkpoint_policies.save_only_these_names(ops.BLOCKS_CHECKPOINT_NAME),
+  )
 
   import flax.linen as nn
   import poetx_jax
@@ -574,7 +579,7 @@ def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_t
 
   def train_step(variables, x):
     loss = jax.checkpoint(lambda params: jnp.sum(model.apply({**variables, "params": params}, x).astype(jnp.float32) ** 2),
-                          policy=None if policy == "nothing_saveable" else llama._REMAT_POLICIES["dots"])
+                          policy=None if policy == "nothing_saveable" else dots_and_blocks)
     return jax.value_and_grad(loss)(variables["params"])
 
   module = triton_backend.lower_for_h100(train_step, variables, jax.ShapeDtypeStruct(x.shape, x.dtype))
