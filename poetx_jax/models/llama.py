@@ -151,9 +151,9 @@ class ScannedBlock(Block):
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     # Not also POET-X's blocks (`ops.BLOCKS_CHECKPOINT_NAME`): saving them spared the
-    # Cayley–Neumann forward's second run but cost copies and memory for at most 0.6% of
-    # a step (llama1b −5.9 ms of kernels in 2990, +0.5 GiB; llama3b 6.440 → 6.419 s,
-    # +1.5 GiB: raw/run106_step_old_policy.txt, run107_step_new_policy.txt,
+    # Cayley–Neumann forward's second run but cost copies and memory, for at most 0.6%
+    # of a step (llama1b −5.9 ms of kernels in 2990; llama3b 6.440 → 6.419 s for
+    # 1.5 GiB more; raw/run106_step_old_policy.txt, run107_step_new_policy.txt,
     # run108_fit.txt, run109_fit_3b_policies.txt).
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
