@@ -123,11 +123,14 @@ def test_the_backward_saves_only_what_it_cannot_cheaply_recompute(rng, capsys, v
   weights = jnp.asarray(rng.standard_normal((tokens, d_out)), jnp.float32)
   jax.ad_checkpoint.print_saved_residuals(loss, x, layer["q_in_RxE"], layer["q_out_RxE"])
   lines = capsys.readouterr().out.strip().splitlines()
-  computed = sorted(line.split()[0] for line in lines if " output of " in line)  # not arguments or constants
+  computed = sorted(line.split()[0] for line in lines if " output of " in line or " named " in line)  # no arguments, constants
   blocks = (d_in + d_out) // block
   expected = [f"f32[{blocks},{block},{block}]"] * (4 if keep_cayley_state else 1)  # G (+ Q, Q2, M)
   expected += [f"f32[{d_out},{tokens}]"] if variant == "fast" else []  # h (x is saved as the argument it is)
   assert computed == sorted(expected), lines
+  # G (and the Cayley state) carry the name a remat policy can save them by.
+  named = [line.split()[0] for line in lines if f"named '{ops.BLOCKS_CHECKPOINT_NAME}'" in line]
+  assert named == [f"f32[{blocks},{block},{block}]"] * (4 if keep_cayley_state else 1), lines
   assert not any(line.startswith("i32") and " output of " in line for line in lines)
 
 

@@ -56,6 +56,10 @@ def rotation_tiles(block_size: int, tokens: int) -> RotationTiles:
   848.5 / 808.1 µs (gather / scatter) for these tiles; at D = 2048, 123.7 / 123.6
   against 125.5 / 119.3 (the gather 1.4% faster, the scatter 3.6% slower); at N = 2048
   it won only the gather at D = 14336 (59.4 against 61.8 µs) and lost the other three.
+  Nor seven more tilings at the train step's N = 32768 (D = 5632, 2048) and at D = 14336,
+  N = 2048 (raw/run110_rotation_sweep.txt): whole 256-row blocks per program, 256-token
+  tiles, 128-deep steps, 32-deep steps in four stages; 4 warps on these tiles came
+  within 2% (327.0 / 316.4 against 330.4 / 315.0 µs at D = 5632).
   """
   token_tile = min(128, max(16, _next_pow2(tokens)))
   return RotationTiles(rows=min(block_size, 128), tokens=token_tile, depth=min(64, block_size), num_warps=8, num_stages=3)
