@@ -121,41 +121,59 @@ def _asks_for_highest(precision) -> bool:
 
 def _poet_layer_fwd(backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, x, k_IxO, qs, perms):
   """`x`: `(..., I)`, flattened to token rows here rather than by the caller (see the residuals)."""
-  x_NI = x.reshape(-1, x.shape[-1])
-  q_RxE = _joined(qs)
-  perm_in_inv, _, perm_out, perm_out_inv = _with_inverses(perms)
   # Optionally keeps what the Cayley backward would recompute (`Q`, `Q2`, `Q2 − 2Q`:
   # 3·B² operand-dtype values per block).
-  settings = _cayley_settings(x_NI.dtype, precision)
+  settings = _cayley_settings(x.dtype, precision)
   g_RxBxB, cayley_state = backend.cayley_forward(
-      q_RxE, block_size, neumann_terms, out_dtype=x_NI.dtype, keep_state=keep_cayley_state, **settings
+      _joined(qs), block_size, neumann_terms, out_dtype=x.dtype, keep_state=keep_cayley_state, **settings
   )
   g_RxBxB, cayley_state = checkpoint_name((g_RxBxB, cayley_state), BLOCKS_CHECKPOINT_NAME)
+  y, saved_h = _rotations_fwd(backend, keep_hidden, precision, block_size, x, k_IxO, g_RxBxB, perms)
+  return y, (x, saved_h, k_IxO, qs, g_RxBxB, cayley_state, perms)
+
+
+def _rotations_fwd(backend, keep_hidden, precision, block_size, x, k_IxO, g_RxBxB, perms):
+  """The forward from the blocks `G` (in `x`'s dtype) on: `(y, h if keep_hidden else None)`."""
+  x_NI = x.reshape(-1, x.shape[-1])
+  perm_in_inv, _, perm_out, perm_out_inv = _with_inverses(perms)
   x_IxN = x_NI.T  # feature-major inside the layer: permutations move whole rows
   h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
   y_OxN = backend.rotate_gather(h_OxN, g_RxBxB, perm_out, perm_out_inv, block_offset=x_NI.shape[-1] // block_size)
-  saved_h = h_OxN if keep_hidden else None
   # x is saved as it came (by reference: layers reading the same input, like q/k/v,
   # share it) and flattened and transposed again in the backward; a saved `x_IxN`
   # would be one more array per layer, stacked per layer under `nn.scan`.
-  return y_OxN.T.reshape(x.shape[:-1] + (y_OxN.shape[0],)), (x, saved_h, k_IxO, qs, g_RxBxB, cayley_state, perms)
+  return y_OxN.T.reshape(x.shape[:-1] + (y_OxN.shape[0],)), (h_OxN if keep_hidden else None)
 
 
 def _poet_layer_bwd(backend, keep_hidden, keep_cayley_state, precision, block_size, neumann_terms, residuals, dy):
   del keep_hidden, keep_cayley_state
   x, h_OxN, k_IxO, qs, g_RxBxB, cayley_state, perms = residuals
+  settings = _cayley_settings(x.dtype, precision)
+  # The Cayley backward multiplies dG in its operand dtype: with bfloat16 operands the
+  # outer sums also write that rounded copy (no separate cast of the cotangent).
+  operand_dtype = jnp.dtype(settings["operand_dtype"])
+  dx, dg_RxBxB, copy = _rotations_bwd(
+      backend, precision, block_size, x, h_OxN, k_IxO, g_RxBxB, perms, dy,
+      copy_dtype=operand_dtype if operand_dtype != jnp.float32 else None,
+  )
+  dq_RxE = backend.cayley_backward(
+      _joined(qs), dg_RxBxB, block_size, neumann_terms, state=cayley_state, dg_operand=copy, **settings
+  )
+  blocks_in = x.shape[-1] // block_size
+  dqs = (dq_RxE[:blocks_in].astype(qs[0].dtype), dq_RxE[blocks_in:].astype(qs[1].dtype))
+  return dx, None, dqs, None
+
+
+def _rotations_bwd(backend, precision, block_size, x, h_OxN, k_IxO, g_RxBxB, perms, dy, copy_dtype=None):
+  """`(dx, dG float32, dG's copy in copy_dtype or None)` from the blocks `G` (in `x`'s dtype) on."""
   x_IxN = x.reshape(-1, x.shape[-1]).T
   perm_in_inv, perm_in, _, perm_out_inv = _with_inverses(perms)
   blocks_in = x_IxN.shape[0] // block_size
   if h_OxN is None:  # mem: recompute the hidden state, one extra large GEMM
     h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
   dy_OxN = dy.reshape(-1, dy.shape[-1]).T
-  settings = _cayley_settings(x_IxN.dtype, precision)
-  # The Cayley backward multiplies dG in its operand dtype: with bfloat16 operands the
-  # outer sums also write that rounded copy (no separate cast of the cotangent).
-  operand_dtype = jnp.dtype(settings["operand_dtype"])
   fresh = jax.ShapeDtypeStruct(g_RxBxB.shape, jnp.float32)
-  copy = jax.ShapeDtypeStruct(g_RxBxB.shape, operand_dtype) if operand_dtype != jnp.float32 else None
+  copy = jax.ShapeDtypeStruct(g_RxBxB.shape, copy_dtype) if copy_dtype is not None else None
   # dG_out[i] = Σ h_iᵀ g1_i with g1 = dy[..., perm_out_inv]; dh = g1 · BD(G_out)ᵀ (one pass: both read g1).
   dh_OxN, dg_RxBxB, copy = _rotate_outer_sum(backend, fresh, copy, dy_OxN, perm_out_inv, h_OxN, None, g_RxBxB, blocks_in)
   # The second large GEMM; K_s gets no gradient, so there is no third.
@@ -164,14 +182,87 @@ def _poet_layer_bwd(backend, keep_hidden, keep_cayley_state, precision, block_si
   dx_IxN, dg_RxBxB, copy = _rotate_outer_sum(
       backend, dg_RxBxB, copy, dxr_IxN, None, x_IxN, perm_in_inv, g_RxBxB, 0, perm_in, perm_in_inv
   )
-  dq_RxE = backend.cayley_backward(
-      _joined(qs), dg_RxBxB, block_size, neumann_terms, state=cayley_state, dg_operand=copy, **settings
-  )
-  dqs = (dq_RxE[:blocks_in].astype(qs[0].dtype), dq_RxE[blocks_in:].astype(qs[1].dtype))
-  return dx_IxN.T.reshape(x.shape), None, dqs, None
+  return dx_IxN.T.reshape(x.shape), dg_RxBxB, copy
 
 
 _poet_layer.defvjp(_poet_layer_fwd, _poet_layer_bwd)
+
+
+# The same layer from blocks `G` computed elsewhere (`cayley_blocks`), differentiated
+# with respect to `G`: a train step that accumulates gradients over microbatches runs
+# the Cayley–Neumann map once per step, not forward (twice under remat) and backward
+# per microbatch, since `dq = J(q)ᵀ · Σ dG` is linear in the summed cotangent.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _blocks_layer(backend, keep_hidden, precision, block_size, x, k_IxO, g_RxBxB, perms):
+  return _blocks_layer_fwd(backend, keep_hidden, precision, block_size, x, k_IxO, g_RxBxB, perms)[0]
+
+
+def _blocks_layer_fwd(backend, keep_hidden, precision, block_size, x, k_IxO, g_RxBxB, perms):
+  # `G` is saved as given (by reference) and cast to the activations' dtype again in the
+  # backward: the cast is a new array, which `nn.scan` would stack per layer.
+  y, saved_h = _rotations_fwd(backend, keep_hidden, precision, block_size, x, k_IxO, g_RxBxB.astype(x.dtype), perms)
+  return y, (x, saved_h, k_IxO, g_RxBxB, perms)
+
+
+def _blocks_layer_bwd(backend, keep_hidden, precision, block_size, residuals, dy):
+  del keep_hidden
+  x, h_OxN, k_IxO, g_RxBxB, perms = residuals
+  dx, dg_RxBxB, _ = _rotations_bwd(backend, precision, block_size, x, h_OxN, k_IxO, g_RxBxB.astype(x.dtype), perms, dy)
+  return dx, None, dg_RxBxB.astype(g_RxBxB.dtype), None
+
+
+_blocks_layer.defvjp(_blocks_layer_fwd, _blocks_layer_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _cayley_map(backend, block_size, neumann_terms, precision, operand_dtype, q_RxE):
+  return _cayley_map_fwd(backend, block_size, neumann_terms, precision, operand_dtype, q_RxE)[0]
+
+
+def _cayley_map_fwd(backend, block_size, neumann_terms, precision, operand_dtype, q_RxE):
+  g_RxBxB, _ = backend.cayley_forward(
+      q_RxE, block_size, neumann_terms, precision=precision, operand_dtype=operand_dtype, out_dtype=jnp.float32
+  )
+  return g_RxBxB, q_RxE
+
+
+def _cayley_map_bwd(backend, block_size, neumann_terms, precision, operand_dtype, q_RxE, dg_RxBxB):
+  dq_RxE = backend.cayley_backward(
+      q_RxE, dg_RxBxB.astype(jnp.float32), block_size, neumann_terms, precision=precision, operand_dtype=operand_dtype
+  )
+  return (dq_RxE.astype(q_RxE.dtype),)
+
+
+_cayley_map.defvjp(_cayley_map_fwd, _cayley_map_bwd)
+
+
+def cayley_blocks(
+    q_in_RxE: jax.Array,
+    q_out_RxE: jax.Array,
+    *,
+    block_size: int,
+    neumann_terms: int | None = 3,
+    implementation: str | None = None,
+    interpret: bool = False,
+    activation_dtype=jnp.float32,
+    precision=None,
+) -> jax.Array:
+  """Both sides' blocks `G = [G_in; G_out]`, float32 `(..., R_in + R_out, B, B)`, differentiable.
+
+  What `poet_linear` computes inside, for `poet_linear_with_blocks`. Leading axes (the
+  layers of an `nn.scan` stack) become one batch of blocks: one call for all layers.
+  `activation_dtype` and `precision` are the layer's: with bfloat16 activations the
+  Pallas map multiplies bfloat16 operands, as the layer's own map does.
+  """
+  if q_in_RxE.shape[:-2] != q_out_RxE.shape[:-2]:
+    raise ValueError(f"q_in {q_in_RxE.shape} and q_out {q_out_RxE.shape} must share their leading (layer) axes.")
+  backend = backends.resolve(implementation, interpret=interpret, block_size=block_size)
+  settings = _cayley_settings(jnp.dtype(activation_dtype), precision)
+  q_RxE = jnp.concatenate([q_in_RxE, q_out_RxE], axis=-2).astype(jnp.float32)
+  lead = q_RxE.shape[:-2]
+  g = _cayley_map(backend, block_size, neumann_terms, settings["precision"], settings["operand_dtype"],
+                  q_RxE.reshape((-1, q_RxE.shape[-1])))
+  return g.reshape(lead + q_RxE.shape[-2:-1] + (block_size, block_size))
 
 
 def _rotate_outer_sum(backend, into, copy_into, s, gather_s, a, gather_a, g_RxBxB, block_offset, out_perm=None,
@@ -184,7 +275,8 @@ def _rotate_outer_sum(backend, into, copy_into, s, gather_s, a, gather_a, g_RxBx
 
 
 def check_shapes(x_shape, k_shape, q_in_shape, q_out_shape, block_size: int) -> None:
-  """Raises one ValueError naming what to change when shapes and block size disagree."""
+  """Raises one ValueError naming what to change when shapes and block size disagree
+  (generator shapes None: not checked)."""
   d_in, d_out = k_shape
   if x_shape[-1] != d_in:
     raise ValueError(f"input has {x_shape[-1]} features, the base kernel expects {d_in}.")
@@ -192,7 +284,7 @@ def check_shapes(x_shape, k_shape, q_in_shape, q_out_shape, block_size: int) -> 
     if d % block_size:
       raise ValueError(f"{name}={d} is not divisible by block_size={block_size}.")
     expected = (d // block_size, block_size * (block_size - 1) // 2)
-    if tuple(q_shape) != expected:
+    if q_shape is not None and tuple(q_shape) != expected:
       raise ValueError(f"orthogonal parameters for {name} have shape {tuple(q_shape)}, expected {expected}.")
 
 
@@ -264,6 +356,11 @@ def poet_linear(
     )
 
   params = (base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O)
+  return _sharded_over_tokens(local, backend, batch_axes, x_NI, params, base_kernel_IxO.shape[-1])
+
+
+def _sharded_over_tokens(local, backend, batch_axes, x_NI, params, d_out):
+  """`local(x, *params)`, on each device's own tokens when a mesh splits them (Pallas only)."""
   mesh = jax.sharding.get_abstract_mesh()
   token_axes = _token_axes(mesh, batch_axes) if backend.name.startswith("pallas") else ()
   if not token_axes:
@@ -273,8 +370,47 @@ def poet_linear(
   # the flattened token rows.
   shards = math.prod(mesh.shape[a] for a in token_axes)
   x_split = x_NI if x_NI.ndim > 1 and x_NI.shape[0] % shards == 0 else x_NI.reshape(-1, x_NI.shape[-1])
-  y = _on_local_tokens(local, mesh, token_axes, x_split.shape[0])(x_split, *params)
-  return y.reshape(x_NI.shape[:-1] + (base_kernel_IxO.shape[-1],))
+  y = _on_local_tokens(local, mesh, token_axes, x_split.shape[0], len(params))(x_split, *params)
+  return y.reshape(x_NI.shape[:-1] + (d_out,))
+
+
+def poet_linear_with_blocks(
+    x_NI: jax.Array,
+    base_kernel_IxO: jax.Array,
+    g_RxBxB: jax.Array,
+    perm_in_inv_I: jax.Array,
+    perm_out_O: jax.Array,
+    *,
+    block_size: int,
+    variant: str = "fast",
+    implementation: str | None = None,
+    interpret: bool = False,
+    precision=None,
+    batch_axes: tuple[str, ...] | None = None,
+) -> jax.Array:
+  """`poet_linear` from both sides' blocks `G = [G_in; G_out]` (`cayley_blocks`), not the generators.
+
+  Differentiable with respect to `x` and `G` (its cotangent in `G`'s dtype, float32 from
+  `cayley_blocks`). The other arguments are `poet_linear`'s.
+  """
+  if variant not in VARIANTS:
+    raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+  check_shapes(x_NI.shape, base_kernel_IxO.shape, None, None, block_size)
+  d_in, d_out = base_kernel_IxO.shape
+  expected = ((d_in + d_out) // block_size, block_size, block_size)
+  if tuple(g_RxBxB.shape) != expected:
+    raise ValueError(f"blocks have shape {tuple(g_RxBxB.shape)}, expected {expected}"
+                     f" (both sides' blocks of a {d_in}x{d_out} kernel, input side first).")
+  backend = backends.resolve(implementation, interpret=interpret, block_size=block_size)
+  if math.prod(x_NI.shape[:-1]) == 0:
+    return jnp.zeros(x_NI.shape[:-1] + (d_out,), x_NI.dtype)
+
+  def local(x, base_kernel_IxO, g_RxBxB, perm_in_inv_I, perm_out_O):
+    return _blocks_layer(backend, variant == "fast", precision, block_size, x, base_kernel_IxO, g_RxBxB,
+                         (perm_in_inv_I, perm_out_O))
+
+  return _sharded_over_tokens(local, backend, batch_axes, x_NI, (base_kernel_IxO, g_RxBxB, perm_in_inv_I, perm_out_O),
+                              d_out)
 
 
 def _token_axes(mesh, batch_axes) -> tuple[str, ...]:
@@ -290,7 +426,7 @@ def _token_axes(mesh, batch_axes) -> tuple[str, ...]:
   return tuple(a for a in names if mesh.shape[a] > 1 and a not in manual)
 
 
-def _on_local_tokens(local, mesh, token_axes, rows):
+def _on_local_tokens(local, mesh, token_axes, rows, num_params):
   """Runs the layer on each device's own tokens (`shard_map`).
 
   XLA's partitioner cannot see into a Pallas kernel: left alone it gathers the
@@ -310,7 +446,7 @@ def _on_local_tokens(local, mesh, token_axes, rows):
   spec = jax.sharding.PartitionSpec(token_axes)
   replicated = jax.sharding.PartitionSpec()
   return jax.shard_map(
-      local, mesh=mesh, in_specs=(spec,) + (replicated,) * 5, out_specs=spec, check_vma=False
+      local, mesh=mesh, in_specs=(spec,) + (replicated,) * num_params, out_specs=spec, check_vma=False
   )
 
 
