@@ -36,6 +36,11 @@ NEUMANN_TERMS = "neumann_terms"
 Q_IN = "q_in"
 Q_OUT = "q_out"
 ORTHOGONAL_PARAMS = (Q_IN, Q_OUT)
+# Blocks `G` computed outside the model (`poetx_jax.blocks.layer_blocks`), one entry per
+# wrapped layer at its own path: the layer then uses them instead of running the
+# Cayley–Neumann map itself, and its gradient flows to them, not to `q_in`, `q_out`.
+BLOCKS_COLLECTION = "poet_blocks"
+BLOCKS = "blocks"
 
 
 def module_path(module: nn.Module) -> str:
@@ -150,6 +155,22 @@ def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, ne
   lead_axes = tuple(a for a in range(inputs.ndim) if a not in axis)
   x_NI = jnp.transpose(inputs, lead_axes + axis) if axis != tuple(range(inputs.ndim - len(axis), inputs.ndim)) else inputs
   lead_shape = tuple(inputs.shape[a] for a in lead_axes)
+  if module.has_variable(BLOCKS_COLLECTION, BLOCKS):
+    y_NO = ops.poet_linear_with_blocks(
+        x_NI.reshape(lead_shape + (d_in,)),
+        base_kernel.reshape(d_in, d_out),
+        module.get_variable(BLOCKS_COLLECTION, BLOCKS),
+        perm_in_inv,
+        perm_out,
+        block_size=block,
+        variant=config.variant,
+        implementation=config.implementation,
+        interpret=config.pallas_interpret,
+        precision=module.precision,
+        batch_axes=config.batch_axes,
+    )
+    y = y_NO.reshape(lead_shape + features)
+    return y + bias if bias is not None else y
   y_NO = ops.poet_linear(
       x_NI.reshape(lead_shape + (d_in,)),
       base_kernel.reshape(d_in, d_out),

@@ -236,9 +236,8 @@ def _cayley_map_bwd(backend, block_size, neumann_terms, precision, operand_dtype
 _cayley_map.defvjp(_cayley_map_fwd, _cayley_map_bwd)
 
 
-def cayley_blocks(
-    q_in_RxE: jax.Array,
-    q_out_RxE: jax.Array,
+def cayley_map(
+    q_RxE: jax.Array,
     *,
     block_size: int,
     neumann_terms: int | None = 3,
@@ -247,22 +246,26 @@ def cayley_blocks(
     activation_dtype=jnp.float32,
     precision=None,
 ) -> jax.Array:
-  """Both sides' blocks `G = [G_in; G_out]`, float32 `(..., R_in + R_out, B, B)`, differentiable.
+  """The blocks `G` (float32 `(R, B, B)`) of packed generators `(R, E)`, differentiable.
 
-  What `poet_linear` computes inside, for `poet_linear_with_blocks`. Leading axes (the
-  layers of an `nn.scan` stack) become one batch of blocks: one call for all layers.
-  `activation_dtype` and `precision` are the layer's: with bfloat16 activations the
-  Pallas map multiplies bfloat16 operands, as the layer's own map does.
+  The map `poet_linear` runs inside, for `poet_linear_with_blocks`. `activation_dtype`
+  and `precision` are the layer's: with bfloat16 activations the Pallas map multiplies
+  bfloat16 operands, as the layer's own map does.
   """
-  if q_in_RxE.shape[:-2] != q_out_RxE.shape[:-2]:
-    raise ValueError(f"q_in {q_in_RxE.shape} and q_out {q_out_RxE.shape} must share their leading (layer) axes.")
   backend = backends.resolve(implementation, interpret=interpret, block_size=block_size)
   settings = _cayley_settings(jnp.dtype(activation_dtype), precision)
-  q_RxE = jnp.concatenate([q_in_RxE, q_out_RxE], axis=-2).astype(jnp.float32)
-  lead = q_RxE.shape[:-2]
-  g = _cayley_map(backend, block_size, neumann_terms, settings["precision"], settings["operand_dtype"],
-                  q_RxE.reshape((-1, q_RxE.shape[-1])))
-  return g.reshape(lead + q_RxE.shape[-2:-1] + (block_size, block_size))
+  return _cayley_map(backend, block_size, neumann_terms, settings["precision"], settings["operand_dtype"],
+                     q_RxE.astype(jnp.float32))
+
+
+def cayley_blocks(q_in_RxE: jax.Array, q_out_RxE: jax.Array, *, block_size: int, **kwargs) -> jax.Array:
+  """Both sides' blocks `G = [G_in; G_out]`, float32 `(..., R_in + R_out, B, B)`: `cayley_map`
+  of the joined generators, leading (layer) axes kept."""
+  if q_in_RxE.shape[:-2] != q_out_RxE.shape[:-2]:
+    raise ValueError(f"q_in {q_in_RxE.shape} and q_out {q_out_RxE.shape} must share their leading (layer) axes.")
+  q_RxE = jnp.concatenate([q_in_RxE, q_out_RxE], axis=-2)
+  g = cayley_map(q_RxE.reshape((-1, q_RxE.shape[-1])), block_size=block_size, **kwargs)
+  return g.reshape(q_RxE.shape[:-1] + (block_size, block_size))
 
 
 def _rotate_outer_sum(backend, into, copy_into, s, gather_s, a, gather_a, g_RxBxB, block_offset, out_perm=None,

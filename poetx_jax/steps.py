@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from poetx_jax import merging, spectrum, tree_paths
+from poetx_jax import blocks as poet_blocks
+from poetx_jax import layers, merging, spectrum, tree_paths
 from poetx_jax.config import POETConfig
 
 
@@ -71,6 +72,8 @@ def make_train_step(
     grad_accum_steps: int = 1,
     log_every: int = 1,
     total_steps: int | None = None,
+    cayley_once: bool = False,
+    activation_dtype=jnp.float32,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
   """`train_step(state, batch) -> (state, metrics)`: loss, grads, update, and the merge.
 
@@ -84,23 +87,50 @@ def make_train_step(
       merge) when the step it completes is a multiple of this or `total_steps`;
       0 elsewhere (the loop logs exactly those steps).
     total_steps: the run's last step.
+    cayley_once: (POET-X) compute every layer's blocks `G` once per step
+      (`blocks.layer_blocks`), pass them to the model and accumulate their gradient
+      over the microbatches, so the Cayley–Neumann map runs forward and backward once
+      a step instead of in every microbatch's forward, remat and backward. Same
+      gradients; the blocks and their float32 gradient stay in memory for the step.
+    activation_dtype: the model's computation dtype, which picks the map's operand
+      dtype when `cayley_once` (bfloat16 operands for a bfloat16 model, as in a layer).
   """
-  grad_fn = jax.value_and_grad(lambda p, f, b: token_loss(model, p, f, b), has_aux=True)
+  cayley_once = bool(cayley_once and poet is not None)
+  if cayley_once:
+    grad_fn = jax.value_and_grad(
+        lambda p, g, f, b: token_loss(model, p, {**f, layers.BLOCKS_COLLECTION: g}, b), argnums=(0, 1), has_aux=True
+    )
+  else:
+    grad_fn = jax.value_and_grad(lambda p, f, b: token_loss(model, p, f, b), has_aux=True)
 
-  def gradients(params, frozen, batch):
+  def summed_gradients(params, blocks, frozen, batch):
+    """(loss sum, tokens, grads) over the microbatches; grads of `(params, blocks)` when `cayley_once`."""
+    args = (params, blocks) if cayley_once else (params,)
     if grad_accum_steps == 1:
-      (loss_sum, tokens), grads = grad_fn(params, frozen, batch)
+      (loss_sum, tokens), grads = grad_fn(*args, frozen, batch)
       return loss_sum, tokens, grads
 
     def accumulate(carry, micro):
       loss_acc, tok_acc, grad_acc = carry
-      (loss_sum, tokens), grads = grad_fn(params, frozen, micro)
+      (loss_sum, tokens), grads = grad_fn(*args, frozen, micro)
       grad_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
       return (loss_acc + loss_sum, tok_acc + tokens, grad_acc), None
 
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), args if cayley_once else params)
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
     (loss_sum, tokens, grads), _ = jax.lax.scan(accumulate, init, _split_microbatches(batch, grad_accum_steps))
+    return loss_sum, tokens, grads
+
+  def gradients(params, frozen, batch):
+    if not cayley_once:
+      loss_sum, tokens, grads = summed_gradients(params, None, frozen, batch)
+    else:
+      blocks, blocks_vjp = jax.vjp(lambda p: poet_blocks.layer_blocks(p, poet, activation_dtype), params)
+      loss_sum, tokens, (grads, blocks_grads) = summed_gradients(params, blocks, frozen, batch)
+      # The generators' gradient: the map's backward of the summed blocks' cotangent (the
+      # model itself gives `q_in`, `q_out` none, as its layers read the blocks).
+      from_blocks = blocks_vjp(jax.tree_util.tree_map(lambda g, b: g.astype(b.dtype), blocks_grads, blocks))[0]
+      grads = jax.tree_util.tree_map(lambda g, d: g.astype(jnp.float32) + d.astype(jnp.float32), grads, from_blocks)
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
     return loss_sum, tokens, grads
 

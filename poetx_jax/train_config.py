@@ -46,6 +46,7 @@ class RunConfig:
   steps: int = 1000
   global_batch_size: int = 32
   grad_accum_steps: int = 1
+  cayley_once: bool = False
   log_every: int = 10
   eval_every: int = 200
   eval_batches: int = 20
@@ -63,6 +64,8 @@ class RunConfig:
     if not self.thread_switch_interval_s >= 0:
       raise ValueError(f"train.thread_switch_interval_s must be >= 0 (0: Python's own), got {self.thread_switch_interval_s}.")
     self.profile_range()  # raises on a malformed range
+    if not isinstance(self.cayley_once, bool):
+      raise ValueError(f"train.cayley_once must be True or False, got {self.cayley_once!r}.")
     if self.grad_accum_steps < 1 or self.global_batch_size % self.grad_accum_steps:
       raise ValueError(
           f"train.global_batch_size={self.global_batch_size} must be divisible by"

@@ -99,6 +99,8 @@ def build(config: TrainConfig, devices=None) -> Run:
       grad_accum_steps=config.train.grad_accum_steps,
       log_every=config.train.log_every,
       total_steps=config.train.steps,
+      cayley_once=config.train.cayley_once,
+      activation_dtype=config.model.dtype,
   )
   return Run(
       config=config,

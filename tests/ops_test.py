@@ -202,3 +202,52 @@ def test_an_unset_precision_follows_jax_default_matmul_precision(default, highes
     assert ops._cayley_settings(jnp.float32, None)["precision"] == want  # pylint: disable=protected-access
     # a precision given for the layer wins over the default
     assert ops._cayley_settings(jnp.float32, "default")["precision"] == jax.lax.Precision.DEFAULT  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("implementation,variant,dtype", [
+    ("xla", "fast", jnp.float32), ("xla", "mem", jnp.float32), ("pallas", "fast", jnp.float32),
+    ("pallas", "mem", jnp.float32), ("pallas", "fast", jnp.bfloat16),
+])
+def test_the_layer_from_given_blocks_is_the_layer(rng, implementation, variant, dtype):
+  """`cayley_blocks` then `poet_linear_with_blocks` (a train step computing G once) gives
+  `poet_linear`'s output and gradients for x, q_in, q_out, with random cotangents."""
+  block, d_in, d_out, tokens = 16, 32, 48, 7
+  layer = _layer(rng, d_in, d_out, block, dtype=dtype)
+  x = jnp.asarray(rng.standard_normal((tokens, d_in)), dtype)
+  dy = jnp.asarray(rng.standard_normal((tokens, d_out)), dtype)
+  common = dict(block_size=block, implementation=implementation, interpret=implementation == "pallas")
+  k, p_in, p_out = layer["base_kernel_IxO"], layer["perm_in_inv_I"], layer["perm_out_O"]
+
+  def inside(x, q_in, q_out):
+    return ops.poet_linear(x, k, q_in, q_out, p_in, p_out, variant=variant, **common)
+
+  def given(x, q_in, q_out):
+    g = ops.cayley_blocks(q_in, q_out, activation_dtype=x.dtype, **common)
+    assert g.dtype == jnp.float32 and g.shape == ((d_in + d_out) // block, block, block)
+    return ops.poet_linear_with_blocks(x, k, g, p_in, p_out, variant=variant, **common)
+
+  with jax.default_matmul_precision("highest"):
+    y, vjp = jax.vjp(inside, x, layer["q_in_RxE"], layer["q_out_RxE"])
+    y_given, vjp_given = jax.vjp(given, x, layer["q_in_RxE"], layer["q_out_RxE"])
+    grads, grads_given = vjp(dy), vjp_given(dy)
+  # float32: the same kernels on the same values. bfloat16: the layer's own map writes G
+  # in bfloat16, the given blocks are float32 cast to bfloat16, so the two round alike.
+  tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
+  assert relative_error(y_given, y) < tolerance
+  for got, want in zip(grads_given, grads):
+    assert relative_error(got, want) < tolerance
+
+
+def test_given_blocks_keep_leading_layer_axes_and_wrong_shapes_raise(rng):
+  block = 8
+  q_in = jnp.asarray(0.1 * rng.standard_normal((3, 2, skew.packed_size(block))), jnp.float32)  # 3 stacked layers
+  q_out = jnp.asarray(0.1 * rng.standard_normal((3, 4, skew.packed_size(block))), jnp.float32)
+  g = ops.cayley_blocks(q_in, q_out, block_size=block, implementation="xla")
+  assert g.shape == (3, 6, block, block)
+  np.testing.assert_allclose(g[1, 2:], cayley.cayley_neumann(q_out[1], block, 3), atol=1e-6)
+  with pytest.raises(ValueError, match="leading"):
+    ops.cayley_blocks(q_in, q_out[:2], block_size=block)
+  layer = _layer(rng, 16, 32, block)
+  with pytest.raises(ValueError, match=r"blocks have shape \(5, 8, 8\), expected \(6, 8, 8\)"):
+    ops.poet_linear_with_blocks(jnp.zeros((2, 16)), layer["base_kernel_IxO"], g[0, :5], layer["perm_in_inv_I"],
+                                layer["perm_out_O"], block_size=block)

@@ -139,8 +139,23 @@ def test_indivisible_rows_and_unknown_axes_say_what_to_change(layer_inputs):
   assert "shard_map" in str(data_only)
 
 
-def test_trainer_step_runs_kernels_per_device_and_matches_one_device():
-  """The trainer traces its step under its mesh: Pallas calls land inside shard_map, same loss."""
+def _kernels(jaxpr, inside=False, found=None):
+  """(Pallas kernel name, whether it sits inside a shard_map) of every kernel of a jaxpr."""
+  found = set() if found is None else found
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      name = eqn.params.get("name") or getattr(eqn.params.get("name_and_src_info"), "name", None)
+      found.add((name, inside))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      _kernels(sub, inside or eqn.primitive.name == "shard_map", found)
+  return found
+
+
+@pytest.mark.parametrize("cayley_once", [False, True])
+def test_trainer_step_runs_kernels_per_device_and_matches_one_device(cayley_once):
+  """The trainer traces its step under its mesh: Pallas calls land inside shard_map, same loss.
+  With `train.cayley_once` the Cayley–Neumann kernels run once, outside (on the generators,
+  which every device holds whole), and the rotations inside."""
   from benchmarks import synthetic
   from configs import base
   from poetx_jax import train_config, trainer
@@ -151,7 +166,7 @@ def test_trainer_step_runs_kernels_per_device_and_matches_one_device():
     c.model.update(hidden=64, ffn=128, heads=2, layers=1, vocab_size=128)
     c.data.seq_len = 8
     c.poet.update(block_size=16, merge_interval=50, implementation="pallas", pallas_interpret=True)
-    c.train.update(steps=10, global_batch_size=8)
+    c.train.update(steps=10, global_batch_size=16, grad_accum_steps=2, cayley_once=cayley_once)
     c.optimizer.warmup_steps = 2
     c.mesh.update(data=data, fsdp=fsdp)
     return trainer.build(train_config.from_config_dict(c), devices=jax.devices()[: data * fsdp])
@@ -160,10 +175,12 @@ def test_trainer_step_runs_kernels_per_device_and_matches_one_device():
   for data, fsdp in ((1, 1), (2, 4)):
     run = build(data, fsdp)
     state = run.init_fn()
-    batch = synthetic.token_batch(run, 8, 8, 128)
+    batch = synthetic.token_batch(run, 16, 8, 128)
     if data * fsdp > 1:
-      found = _primitives(run.train_step.trace(state, batch).jaxpr.jaxpr)
-      assert ("pallas_call", True) in found and ("pallas_call", False) not in found
+      found = _kernels(run.train_step.trace(state, batch).jaxpr.jaxpr)
+      outside = {name for name, inside in found if not inside}
+      assert {name for name, inside in found if inside} >= {"poetx_block_rotate", "poetx_rotate_outer_sum"}, found
+      assert all(name.startswith("poetx_cayley") for name in outside) and bool(outside) == cayley_once, found
     _, metrics = run.train_step(state, batch)
     losses.append(float(metrics["loss"]))
   assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0]), losses

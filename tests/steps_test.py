@@ -1,0 +1,84 @@
+"""The train step's `cayley_once`: the blocks of every layer computed once a step."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import relative_error
+
+import poetx_jax
+from poetx_jax import blocks, layers, steps
+from poetx_jax.kernels import triton_backend
+from poetx_jax.models import llama
+
+
+def _setup(scan_layers, implementation="xla", remat="dots", dtype="float32", interpret=False):
+  cfg = llama.LlamaConfig(vocab_size=64, hidden=32, ffn=64, heads=2, layers=2, max_seq_len=16, dtype=dtype,
+                          param_dtype="float32", scan_layers=scan_layers, remat=remat)
+  poet = poetx_jax.POETConfig(block_size=16, implementation=implementation, pallas_interpret=interpret)
+  model = poetx_jax.wrap(llama.Llama(cfg), poet)
+  tx = poetx_jax.optimizer(poet, 1e-2, 1e-2)
+  # Initialized through the XLA path (the Pallas one needs a GPU or the interpreter): the same variables.
+  state = steps.init_state(poetx_jax.wrap(llama.Llama(cfg), dataclasses.replace(poet, implementation="xla")), tx, 0, 16)
+  # Generators away from zero, each layer its own, so the blocks are not the identity.
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(state.params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree_util.tree_unflatten(treedef, [
+      0.05 * jax.random.normal(k, v.shape, v.dtype) if any(getattr(p, "key", None) in layers.ORTHOGONAL_PARAMS for p in path)
+      else v for k, (path, v) in zip(keys, leaves)
+  ])
+  rng = np.random.default_rng(0)
+  batch = {"inputs": jnp.asarray(rng.integers(0, 64, (4, 16)), jnp.int32),
+           "targets": jnp.asarray(rng.integers(0, 64, (4, 16)), jnp.int32), "weights": jnp.ones((4, 16))}
+  return model, tx, poet, state.replace(params=params), batch
+
+
+@pytest.mark.parametrize("scan_layers,grad_accum_steps", [(True, 2), (False, 2), (True, 1)])
+def test_cayley_once_gives_the_same_step(scan_layers, grad_accum_steps):
+  """Loss, gradient norm and updated parameters equal those of the step whose layers run
+  the map themselves, for scanned and unrolled blocks, with and without microbatches."""
+  model, tx, poet, state, batch = _setup(scan_layers)
+  results = []
+  with jax.default_matmul_precision("highest"):
+    for once in (False, True):
+      step = steps.make_train_step(model, tx, optax.constant_schedule(1e-2), poet=poet,
+                                   grad_accum_steps=grad_accum_steps, cayley_once=once)
+      results.append(jax.jit(step)(state, batch))
+  (state_a, metrics_a), (state_b, metrics_b) = results
+  assert float(metrics_a["grad_norm"]) > 0
+  for key in ("loss", "grad_norm"):
+    assert relative_error(metrics_b[key], metrics_a[key]) < 1e-5, key
+  for got, want in zip(jax.tree_util.tree_leaves(state_b.params), jax.tree_util.tree_leaves(state_a.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cayley_once_runs_the_map_once_a_step():
+  """Lowered for an H100 (unrolled blocks, 14 wrapped layers, 2 microbatches, remat): one
+  forward Neumann kernel and one of each backward kernel for all layers together, where
+  every layer would run its own forward (twice, with remat) and backward."""
+  model, tx, poet, state, batch = _setup(scan_layers=False, implementation="pallas", dtype="bfloat16")
+  names = ("poetx_cayley_neumann", "poetx_cayley_grad2", "poetx_cayley_dq", "poetx_cayley_pack")
+  counts = {}
+  for once in (False, True):
+    step = steps.make_train_step(model, tx, optax.constant_schedule(1e-2), poet=poet, grad_accum_steps=2,
+                                 cayley_once=once, activation_dtype="bfloat16")
+    module = triton_backend.lower_for_h100(step, state, batch)
+    counts[once] = {name: module.count(f'name = "{name}"') for name in names}
+  wrapped = 2 * 7
+  assert counts[False] == {"poetx_cayley_neumann": 2 * wrapped, "poetx_cayley_grad2": wrapped,
+                           "poetx_cayley_dq": wrapped, "poetx_cayley_pack": wrapped}, counts
+  assert counts[True] == {name: 1 for name in names}, counts
+
+
+def test_layer_blocks_mirror_the_layers_and_need_some():
+  model, _, poet, state, _ = _setup(scan_layers=True)
+  tree = blocks.layer_blocks(state.params, poet)
+  g = tree["blocks"]["attention"]["q_proj"][layers.BLOCKS]
+  assert g.shape == (2, 4, 16, 16) and g.dtype == jnp.float32  # 2 stacked layers, 32 in + 32 out features
+  assert float(jnp.abs(g[0] - g[1]).max()) > 0
+  with pytest.raises(ValueError, match="no wrapped layer"):
+    blocks.layer_blocks({"dense": {"kernel": jnp.zeros((2, 2))}}, poet)
+  del model
