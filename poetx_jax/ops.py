@@ -207,8 +207,12 @@ def _blocks_layer_fwd(backend, keep_hidden, precision, block_size, x, k_IxO, g_R
 def _blocks_layer_bwd(backend, keep_hidden, precision, block_size, residuals, dy):
   del keep_hidden
   x, h_OxN, k_IxO, g_RxBxB, perms = residuals
-  dx, dg_RxBxB, _ = _rotations_bwd(backend, precision, block_size, x, h_OxN, k_IxO, g_RxBxB.astype(x.dtype), perms, dy)
-  return dx, None, dg_RxBxB.astype(g_RxBxB.dtype), None
+  # The cotangent in G's dtype: below float32 the outer sums write that copy themselves.
+  narrow = g_RxBxB.dtype if g_RxBxB.dtype != jnp.float32 else None
+  dx, dg_RxBxB, copy = _rotations_bwd(
+      backend, precision, block_size, x, h_OxN, k_IxO, g_RxBxB.astype(x.dtype), perms, dy, copy_dtype=narrow
+  )
+  return dx, None, dg_RxBxB if copy is None else copy, None
 
 
 _blocks_layer.defvjp(_blocks_layer_fwd, _blocks_layer_bwd)

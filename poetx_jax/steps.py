@@ -63,38 +63,16 @@ def _split_microbatches(batch, count: int):
   return jax.tree_util.tree_map(split, batch)
 
 
-def make_train_step(
+def make_gradients(
     model: nn.Module,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
     *,
     poet: POETConfig | None,
     grad_accum_steps: int = 1,
-    log_every: int = 1,
-    total_steps: int | None = None,
     cayley_once: bool = False,
     activation_dtype=jnp.float32,
-) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-  """`train_step(state, batch) -> (state, metrics)`: loss, grads, update, and the merge.
-
-  Args:
-    model: the (wrapped or plain) linen model.
-    tx: its optax transformation.
-    schedule: the base learning rate, for the logs.
-    poet: the POETConfig when the model is wrapped (merges run inside the step), else None.
-    grad_accum_steps: microbatches per step, accumulated in float32.
-    log_every: the step also reports the blocks' orthogonality error (before any
-      merge) when the step it completes is a multiple of this or `total_steps`;
-      0 elsewhere (the loop logs exactly those steps).
-    total_steps: the run's last step.
-    cayley_once: (POET-X) compute every layer's blocks `G` once per step
-      (`blocks.layer_blocks`), pass them to the model and accumulate their gradient
-      over the microbatches, so the Cayley–Neumann map runs forward and backward once
-      a step instead of in every microbatch's forward, remat and backward. Same
-      gradients; the blocks and their float32 gradient stay in memory for the step.
-    activation_dtype: the model's computation dtype, which picks the map's operand
-      dtype when `cayley_once` (bfloat16 operands for a bfloat16 model, as in a layer).
-  """
+) -> Callable[[Any, Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array, Any]]:
+  """`gradients(params, frozen, batch) -> (loss sum, tokens, grads)` over the microbatches
+  (grads summed, not yet divided by the tokens); the arguments are `make_train_step`'s."""
   cayley_once = bool(cayley_once and poet is not None)
   if cayley_once:
     grad_fn = jax.value_and_grad(
@@ -126,13 +104,58 @@ def make_train_step(
       loss_sum, tokens, grads = summed_gradients(params, None, frozen, batch)
     else:
       blocks, blocks_vjp = jax.vjp(lambda p: poet_blocks.layer_blocks(p, poet, activation_dtype), params)
-      loss_sum, tokens, (grads, blocks_grads) = summed_gradients(params, blocks, frozen, batch)
+      # The model reads the blocks in its activations' dtype, as its layers' own map writes
+      # them (a bfloat16 model holds them, and each microbatch's cotangent, at half the
+      # memory); the cotangent is summed in float32.
+      model_blocks = jax.tree_util.tree_map(lambda g: g.astype(activation_dtype), blocks)
+      loss_sum, tokens, (grads, blocks_grads) = summed_gradients(params, model_blocks, frozen, batch)
       # The generators' gradient: the map's backward of the summed blocks' cotangent (the
       # model itself gives `q_in`, `q_out` none, as its layers read the blocks).
-      from_blocks = blocks_vjp(jax.tree_util.tree_map(lambda g, b: g.astype(b.dtype), blocks_grads, blocks))[0]
+      from_blocks = blocks_vjp(jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), blocks_grads))[0]
       grads = jax.tree_util.tree_map(lambda g, d: g.astype(jnp.float32) + d.astype(jnp.float32), grads, from_blocks)
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
     return loss_sum, tokens, grads
+
+  return gradients
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    poet: POETConfig | None,
+    grad_accum_steps: int = 1,
+    log_every: int = 1,
+    total_steps: int | None = None,
+    cayley_once: bool = False,
+    activation_dtype=jnp.float32,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+  """`train_step(state, batch) -> (state, metrics)`: loss, grads, update, and the merge.
+
+  Args:
+    model: the (wrapped or plain) linen model.
+    tx: its optax transformation.
+    schedule: the base learning rate, for the logs.
+    poet: the POETConfig when the model is wrapped (merges run inside the step), else None.
+    grad_accum_steps: microbatches per step, accumulated in float32.
+    log_every: the step also reports the blocks' orthogonality error (before any
+      merge) when the step it completes is a multiple of this or `total_steps`;
+      0 elsewhere (the loop logs exactly those steps).
+    total_steps: the run's last step.
+    cayley_once: (POET-X) compute every layer's blocks `G` once per step
+      (`blocks.layer_blocks`), pass them to the model and accumulate their gradient
+      over the microbatches, so the Cayley–Neumann map runs forward and backward once
+      a step instead of in every microbatch's forward, remat and backward. Same
+      gradients up to the rounding of each microbatch's blocks cotangent to the
+      activations' dtype; the blocks (in that dtype) and their float32 summed
+      gradient stay in memory for the step.
+    activation_dtype: the model's computation dtype, which picks the map's operand
+      dtype when `cayley_once` (bfloat16 operands for a bfloat16 model, as in a layer).
+  """
+  gradients = make_gradients(
+      model, poet=poet, grad_accum_steps=grad_accum_steps, cayley_once=cayley_once, activation_dtype=activation_dtype
+  )
 
   def train_step(state: TrainState, batch):
     loss_sum, tokens, grads = gradients(state.params, state.frozen, batch)

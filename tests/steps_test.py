@@ -36,23 +36,39 @@ def _setup(scan_layers, implementation="xla", remat="dots", dtype="float32", int
   return model, tx, poet, state.replace(params=params), batch
 
 
-@pytest.mark.parametrize("scan_layers,grad_accum_steps", [(True, 2), (False, 2), (True, 1)])
-def test_cayley_once_gives_the_same_step(scan_layers, grad_accum_steps):
-  """Loss, gradient norm and updated parameters equal those of the step whose layers run
-  the map themselves, for scanned and unrolled blocks, with and without microbatches."""
-  model, tx, poet, state, batch = _setup(scan_layers)
-  results = []
+@pytest.mark.parametrize("scan_layers,grad_accum_steps,dtype", [
+    (True, 2, "float32"), (False, 2, "float32"), (True, 1, "float32"), (True, 2, "bfloat16"),
+])
+def test_cayley_once_gives_the_same_gradients_and_step(scan_layers, grad_accum_steps, dtype):
+  """Loss and gradients (every parameter's) equal those of layers that run the map
+  themselves, for scanned and unrolled blocks, with and without microbatches, and so does
+  the whole step. A bfloat16 model reads the same bfloat16 blocks (the same loss); each
+  microbatch's blocks cotangent is rounded to bfloat16 before the sum, which the
+  generators' gradients then differ by."""
+  model, tx, poet, state, batch = _setup(scan_layers, dtype=dtype)
+  grads, steps_taken = [], []
   with jax.default_matmul_precision("highest"):
     for once in (False, True):
-      step = steps.make_train_step(model, tx, optax.constant_schedule(1e-2), poet=poet,
-                                   grad_accum_steps=grad_accum_steps, cayley_once=once)
-      results.append(jax.jit(step)(state, batch))
-  (state_a, metrics_a), (state_b, metrics_b) = results
-  assert float(metrics_a["grad_norm"]) > 0
-  for key in ("loss", "grad_norm"):
-    assert relative_error(metrics_b[key], metrics_a[key]) < 1e-5, key
-  for got, want in zip(jax.tree_util.tree_leaves(state_b.params), jax.tree_util.tree_leaves(state_a.params)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+      kw = dict(poet=poet, grad_accum_steps=grad_accum_steps, cayley_once=once, activation_dtype=dtype)
+      grads.append(jax.jit(steps.make_gradients(model, **kw))(state.params, state.frozen, batch))
+      steps_taken.append(jax.jit(steps.make_train_step(model, tx, optax.constant_schedule(1e-2), **kw))(state, batch))
+  (loss_a, tokens_a, grads_a), (loss_b, tokens_b, grads_b) = grads
+  assert relative_error(loss_b, loss_a) < 1e-6 and float(tokens_a) == float(tokens_b) == 64
+  tolerance = 1e-5 if dtype == "float32" else 1e-2
+  for path, got in jax.tree_util.tree_leaves_with_path(grads_b):
+    want = _at(grads_a, path)
+    assert relative_error(got, want) < tolerance, jax.tree_util.keystr(path)
+  if dtype == "float32":
+    (state_a, metrics_a), (state_b, metrics_b) = steps_taken
+    assert relative_error(metrics_b["grad_norm"], metrics_a["grad_norm"]) < 1e-5
+    for got, want in zip(jax.tree_util.tree_leaves(state_b.params), jax.tree_util.tree_leaves(state_a.params)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
 
 
 def test_cayley_once_runs_the_map_once_a_step():
