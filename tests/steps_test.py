@@ -36,16 +36,21 @@ def _setup(scan_layers, implementation="xla", remat="dots", dtype="float32", int
   return model, tx, poet, state.replace(params=params), batch
 
 
-@pytest.mark.parametrize("scan_layers,grad_accum_steps,dtype", [
-    (True, 2, "float32"), (False, 2, "float32"), (True, 1, "float32"), (True, 2, "bfloat16"),
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.parametrize("scan_layers,grad_accum_steps,dtype,implementation", [
+    (True, 2, "float32", "xla"), (False, 2, "float32", "xla"), (True, 1, "float32", "xla"),
+    (True, 2, "bfloat16", "xla"),
+    pytest.param(True, 2, "bfloat16", "pallas", marks=pytest.mark.skipif(not ON_GPU, reason="compiled kernels: GPU")),
 ])
-def test_cayley_once_gives_the_same_gradients_and_step(scan_layers, grad_accum_steps, dtype):
+def test_cayley_once_gives_the_same_gradients_and_step(scan_layers, grad_accum_steps, dtype, implementation):
   """Loss and gradients (every parameter's) equal those of layers that run the map
   themselves, for scanned and unrolled blocks, with and without microbatches, and so does
   the whole step. A bfloat16 model reads the same bfloat16 blocks (the same loss); each
   microbatch's blocks cotangent is rounded to bfloat16 before the sum, which the
   generators' gradients then differ by."""
-  model, tx, poet, state, batch = _setup(scan_layers, dtype=dtype)
+  model, tx, poet, state, batch = _setup(scan_layers, dtype=dtype, implementation=implementation)
   grads, steps_taken = [], []
   with jax.default_matmul_precision("highest"):
     for once in (False, True):
