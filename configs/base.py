@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.steps = 1000  # optimizer updates
   c.train.global_batch_size = 32  # sequences per update, over all devices and microbatches
   c.train.grad_accum_steps = 1  # microbatches per update
-  c.train.cayley_once = False  # POET-X: every layer's Cayley–Neumann map once a step, not in each microbatch (same gradients)
+  c.train.cayley_once = False  # POET-X: every layer's Cayley–Neumann map once a step, not in each microbatch (same gradients; ignored by other optimizers)
   c.train.log_every = 10  # a log line, tensorboard scalars and a metrics.jsonl record every N steps
   c.train.eval_every = 200  # validation loss and perplexity every N steps (and at the end); 0: only at the end
   c.train.eval_batches = 20  # validation batches per evaluation

@@ -14,6 +14,8 @@ creates sit at the layer's own path:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from typing import Any
 
@@ -41,6 +43,19 @@ ORTHOGONAL_PARAMS = (Q_IN, Q_OUT)
 # Cayley–Neumann map itself, and its gradient flows to them, not to `q_in`, `q_out`.
 BLOCKS_COLLECTION = "poet_blocks"
 BLOCKS = "blocks"
+_EXPECT_BLOCKS = contextvars.ContextVar("poetx_expect_blocks", default=False)
+
+
+@contextlib.contextmanager
+def expecting_blocks():
+  """While tracing a model given blocks, a wrapped layer that finds none raises: a Flax
+  transform around it (an `nn.scan` whose `variable_axes` name only some collections, say)
+  did not pass the collection on, and the layer would silently run the map itself."""
+  token = _EXPECT_BLOCKS.set(True)
+  try:
+    yield
+  finally:
+    _EXPECT_BLOCKS.reset(token)
 
 
 def module_path(module: nn.Module) -> str:
@@ -155,6 +170,13 @@ def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, ne
   lead_axes = tuple(a for a in range(inputs.ndim) if a not in axis)
   x_NI = jnp.transpose(inputs, lead_axes + axis) if axis != tuple(range(inputs.ndim - len(axis), inputs.ndim)) else inputs
   lead_shape = tuple(inputs.shape[a] for a in lead_axes)
+  if _EXPECT_BLOCKS.get() and not module.has_variable(BLOCKS_COLLECTION, BLOCKS):
+    raise ValueError(
+        f"POET-X layer {path!r} found no blocks in the {BLOCKS_COLLECTION!r} collection, which the train step"
+        f" passes (train.cayley_once): a Flax transform around the layer must carry that collection (nn.scan with"
+        f" variable_axes={{True: 0}}, or {BLOCKS_COLLECTION!r}: 0 beside 'params' and 'poet'); or set"
+        " train.cayley_once=False."
+    )
   if module.has_variable(BLOCKS_COLLECTION, BLOCKS):
     y_NO = ops.poet_linear_with_blocks(
         x_NI.reshape(lead_shape + (d_in,)),

@@ -412,12 +412,19 @@ def poet_linear_with_blocks(
   if math.prod(x_NI.shape[:-1]) == 0:
     return jnp.zeros(x_NI.shape[:-1] + (d_out,), x_NI.dtype)
 
-  def local(x, base_kernel_IxO, g_RxBxB, perm_in_inv_I, perm_out_O):
-    return _blocks_layer(backend, variant == "fast", precision, block_size, x, base_kernel_IxO, g_RxBxB,
-                         (perm_in_inv_I, perm_out_O))
+  g_dtype = g_RxBxB.dtype
 
-  return _sharded_over_tokens(local, backend, batch_axes, x_NI, (base_kernel_IxO, g_RxBxB, perm_in_inv_I, perm_out_O),
-                              d_out)
+  # G crosses a `shard_map` (when a mesh splits the tokens) in float32, so that its
+  # cotangent is summed over the devices in float32 and rounded to G's dtype once, as
+  # on one device.
+  def local(x, base_kernel_IxO, g_RxBxB, perm_in_inv_I, perm_out_O):
+    return _blocks_layer(backend, variant == "fast", precision, block_size, x, base_kernel_IxO,
+                         g_RxBxB.astype(g_dtype), (perm_in_inv_I, perm_out_O))
+
+  # Only then: on one device G stays the array given, which the backward saves by reference.
+  sharded = backend.name.startswith("pallas") and bool(_token_axes(jax.sharding.get_abstract_mesh(), batch_axes))
+  params = (base_kernel_IxO, g_RxBxB.astype(jnp.float32) if sharded else g_RxBxB, perm_in_inv_I, perm_out_O)
+  return _sharded_over_tokens(local, backend, batch_axes, x_NI, params, d_out)
 
 
 def _token_axes(mesh, batch_axes) -> tuple[str, ...]:

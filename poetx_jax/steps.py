@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any, Callable
 
@@ -84,6 +85,10 @@ def make_gradients(
   def summed_gradients(params, blocks, frozen, batch):
     """(loss sum, tokens, grads) over the microbatches; grads of `(params, blocks)` when `cayley_once`."""
     args = (params, blocks) if cayley_once else (params,)
+    with layers.expecting_blocks() if cayley_once else contextlib.nullcontext():
+      return _summed(args, frozen, batch)
+
+  def _summed(args, frozen, batch):
     if grad_accum_steps == 1:
       (loss_sum, tokens), grads = grad_fn(*args, frozen, batch)
       return loss_sum, tokens, grads
@@ -94,7 +99,7 @@ def make_gradients(
       grad_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
       return (loss_acc + loss_sum, tok_acc + tokens, grad_acc), None
 
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), args if cayley_once else params)
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), args if cayley_once else args[0])
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
     (loss_sum, tokens, grads), _ = jax.lax.scan(accumulate, init, _split_microbatches(batch, grad_accum_steps))
     return loss_sum, tokens, grads
@@ -149,7 +154,11 @@ def make_train_step(
       a step instead of in every microbatch's forward, remat and backward. Same
       gradients up to the rounding of each microbatch's blocks cotangent to the
       activations' dtype; the blocks (in that dtype) and their float32 summed
-      gradient stay in memory for the step.
+      gradient stay in memory for the step, whole on every device (the map runs
+      outside the layers' `shard_map`, on generators XLA gathers for it). Every
+      Flax transform around a wrapped layer must carry the `poet_blocks` collection
+      (a layer that finds none raises). The map runs at the default matmul precision
+      (the layers' own `precision` is not known here). Ignored without `poet`.
     activation_dtype: the model's computation dtype, which picks the map's operand
       dtype when `cayley_once` (bfloat16 operands for a bfloat16 model, as in a layer).
   """

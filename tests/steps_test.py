@@ -94,12 +94,49 @@ def test_cayley_once_runs_the_map_once_a_step():
   assert counts[True] == {name: 1 for name in names}, counts
 
 
-def test_layer_blocks_mirror_the_layers_and_need_some():
-  model, _, poet, state, _ = _setup(scan_layers=True)
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_layer_blocks_mirror_the_layers_and_the_layers_read_them(scan_layers):
+  """The blocks reach every layer (scaled blocks change the loss) and give the loss of
+  layers that run the map themselves."""
+  model, _, poet, state, batch = _setup(scan_layers=scan_layers)
   tree = blocks.layer_blocks(state.params, poet)
-  g = tree["blocks"]["attention"]["q_proj"][layers.BLOCKS]
-  assert g.shape == (2, 4, 16, 16) and g.dtype == jnp.float32  # 2 stacked layers, 32 in + 32 out features
-  assert float(jnp.abs(g[0] - g[1]).max()) > 0
+  if scan_layers:
+    g = tree["blocks"]["attention"]["q_proj"][layers.BLOCKS]
+    assert g.shape == (2, 4, 16, 16) and g.dtype == jnp.float32  # 2 stacked layers, 32 in + 32 out features
+    assert float(jnp.abs(g[0] - g[1]).max()) > 0
+  loss = lambda extra: steps.token_loss(model, state.params, {**state.frozen, **extra}, batch)[0]
+  with layers.expecting_blocks():
+    given = loss({layers.BLOCKS_COLLECTION: tree})
+    for path, _ in jax.tree_util.tree_leaves_with_path(tree):  # every layer's blocks matter
+      scaled = jax.tree_util.tree_map_with_path(lambda p, g, path=path: 0.5 * g if p == path else g, tree)
+      assert abs(float(loss({layers.BLOCKS_COLLECTION: scaled}) - given)) > 1e-4, jax.tree_util.keystr(path)
+  assert relative_error(given, loss({})) < 1e-6
   with pytest.raises(ValueError, match="no wrapped layer"):
     blocks.layer_blocks({"dense": {"kernel": jnp.zeros((2, 2))}}, poet)
-  del model
+
+
+def test_a_transform_that_drops_the_blocks_is_an_error():
+  """An nn.scan whose variable_axes name only 'params' and 'poet' does not pass the blocks
+  on: under the train step's `expecting_blocks`, the layer says so instead of silently
+  running the map itself."""
+  import flax.linen as nn
+
+  class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.Dense(32, use_bias=False)(x), None
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      scan = nn.scan(Layer, variable_axes={"params": 0, "poet": 0}, split_rngs={"params": True}, length=2)
+      return scan(name="layers")(x, None)[0]
+
+  poet = poetx_jax.POETConfig(block_size=16, implementation="xla", exclude=r"^$")
+  model = poetx_jax.wrap(Stack(), poet)
+  x = jnp.ones((3, 32))
+  variables = model.init(jax.random.key(0), x)
+  tree = blocks.layer_blocks(variables["params"], poet)
+  model.apply({**variables, layers.BLOCKS_COLLECTION: tree}, x)  # outside a train step: the layer's own map
+  with layers.expecting_blocks(), pytest.raises(ValueError, match=r"found no blocks.*variable_axes=\{True: 0\}"):
+    model.apply({**variables, layers.BLOCKS_COLLECTION: tree}, x)
