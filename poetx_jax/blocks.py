@@ -15,31 +15,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from poetx_jax import ops
+from poetx_jax import ops, tree_paths
 from poetx_jax.config import POETConfig
 from poetx_jax.layers import BLOCKS, Q_IN, Q_OUT
 
 
-def _generator_nodes(params, path=()):
-  """(path, node) of every wrapped layer's parameters (a dict holding `q_in` and `q_out`)."""
-  if not hasattr(params, "keys"):
-    return []
-  if Q_IN in params and Q_OUT in params:
-    return [(path, params)]
-  return [found for key in params for found in _generator_nodes(params[key], path + (key,))]
-
-
-def layer_blocks(params, config: POETConfig, activation_dtype=jnp.float32) -> dict[str, Any]:
-  """`{...path: {"blocks": G}}` for every wrapped layer in `params`, G float32.
+def layer_blocks(params, poet_state, config: POETConfig, activation_dtype=jnp.float32) -> dict[str, Any]:
+  """`{...path: {"blocks": G}}` for every wrapped layer (found, as merges find them, in
+  the `poet` collection `poet_state`), G float32.
 
   A layer's `G` is `(..., R_in + R_out, B, B)` with the leading (layer) axes of an
   `nn.scan` stack. All layers' generators go through one call of the map (one set of
-  kernels, every block in one grid). Differentiable: `jax.vjp` turns the summed
-  cotangent of the blocks into the generators' gradients.
+  kernels, every block in one grid). Differentiable in `params`: `jax.vjp` turns the
+  summed cotangent of the blocks into the generators' gradients.
   """
-  nodes = _generator_nodes(params)
+  nodes = [(path, tree_paths.get_path(params, path)) for path, _ in tree_paths.poet_layers(poet_state)]
   if not nodes:
-    raise ValueError("layer_blocks found no wrapped layer (no 'q_in' and 'q_out' parameters) in params.")
+    raise ValueError("layer_blocks found no wrapped layer in the poet collection.")
   packed = []
   for _, node in nodes:
     q = jnp.concatenate([node[Q_IN], node[Q_OUT]], axis=-2).astype(jnp.float32)

@@ -170,45 +170,29 @@ def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, ne
   lead_axes = tuple(a for a in range(inputs.ndim) if a not in axis)
   x_NI = jnp.transpose(inputs, lead_axes + axis) if axis != tuple(range(inputs.ndim - len(axis), inputs.ndim)) else inputs
   lead_shape = tuple(inputs.shape[a] for a in lead_axes)
-  if _EXPECT_BLOCKS.get() and not module.has_variable(BLOCKS_COLLECTION, BLOCKS):
+  has_blocks = module.has_variable(BLOCKS_COLLECTION, BLOCKS)
+  if _EXPECT_BLOCKS.get() and not has_blocks:
     raise ValueError(
         f"POET-X layer {path!r} found no blocks in the {BLOCKS_COLLECTION!r} collection, which the train step"
         f" passes (train.cayley_once): a Flax transform around the layer must carry that collection (nn.scan with"
         f" variable_axes={{True: 0}}, or {BLOCKS_COLLECTION!r}: 0 beside 'params' and 'poet'); or set"
         " train.cayley_once=False."
     )
-  if module.has_variable(BLOCKS_COLLECTION, BLOCKS):
-    y_NO = ops.poet_linear_with_blocks(
-        x_NI.reshape(lead_shape + (d_in,)),
-        base_kernel.reshape(d_in, d_out),
-        module.get_variable(BLOCKS_COLLECTION, BLOCKS),
-        perm_in_inv,
-        perm_out,
-        block_size=block,
-        variant=config.variant,
-        implementation=config.implementation,
-        interpret=config.pallas_interpret,
-        precision=module.precision,
-        batch_axes=config.batch_axes,
-    )
-    y = y_NO.reshape(lead_shape + features)
-    return y + bias if bias is not None else y
-  y_NO = ops.poet_linear(
-      x_NI.reshape(lead_shape + (d_in,)),
-      base_kernel.reshape(d_in, d_out),
-      q_in,
-      q_out,
-      perm_in_inv,
-      perm_out,
-      block_size=block,
-      neumann_terms=config.neumann_terms,
-      variant=config.variant,
-      keep_cayley_state=config.keep_cayley_state,
-      implementation=config.implementation,
-      interpret=config.pallas_interpret,
-      precision=module.precision,
-      batch_axes=config.batch_axes,
+  x_NI = x_NI.reshape(lead_shape + (d_in,))
+  k_IxO = base_kernel.reshape(d_in, d_out)
+  common = dict(
+      block_size=block, variant=config.variant, implementation=config.implementation,
+      interpret=config.pallas_interpret, precision=module.precision, batch_axes=config.batch_axes,
   )
+  if has_blocks:  # given by the train step (`blocks.layer_blocks`): no map here
+    y_NO = ops.poet_linear_with_blocks(
+        x_NI, k_IxO, module.get_variable(BLOCKS_COLLECTION, BLOCKS), perm_in_inv, perm_out, **common
+    )
+  else:
+    y_NO = ops.poet_linear(
+        x_NI, k_IxO, q_in, q_out, perm_in_inv, perm_out, neumann_terms=config.neumann_terms,
+        keep_cayley_state=config.keep_cayley_state, **common,
+    )
   y = y_NO.reshape(lead_shape + features)
   if bias is not None:
     y = y + bias

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 from typing import Any, Callable
 
@@ -75,47 +74,44 @@ def make_gradients(
   """`gradients(params, frozen, batch) -> (loss sum, tokens, grads)` over the microbatches
   (grads summed, not yet divided by the tokens); the arguments are `make_train_step`'s."""
   cayley_once = bool(cayley_once and poet is not None)
-  if cayley_once:
-    grad_fn = jax.value_and_grad(
-        lambda p, g, f, b: token_loss(model, p, {**f, layers.BLOCKS_COLLECTION: g}, b), argnums=(0, 1), has_aux=True
-    )
-  else:
-    grad_fn = jax.value_and_grad(lambda p, f, b: token_loss(model, p, f, b), has_aux=True)
+  # Differentiated with respect to the parameters and to the extra collections given to
+  # the model: none, or the blocks when `cayley_once`.
+  grad_fn = jax.value_and_grad(
+      lambda p, extra, f, b: token_loss(model, p, {**f, **extra}, b), argnums=(0, 1), has_aux=True
+  )
 
-  def summed_gradients(params, blocks, frozen, batch):
-    """(loss sum, tokens, grads) over the microbatches; grads of `(params, blocks)` when `cayley_once`."""
-    args = (params, blocks) if cayley_once else (params,)
-    with layers.expecting_blocks() if cayley_once else contextlib.nullcontext():
-      return _summed(args, frozen, batch)
-
-  def _summed(args, frozen, batch):
+  def summed_gradients(params, extra, frozen, batch):
+    """(loss sum, tokens, (grads of params, grads of extra)) over the microbatches."""
     if grad_accum_steps == 1:
-      (loss_sum, tokens), grads = grad_fn(*args, frozen, batch)
+      (loss_sum, tokens), grads = grad_fn(params, extra, frozen, batch)
       return loss_sum, tokens, grads
 
     def accumulate(carry, micro):
       loss_acc, tok_acc, grad_acc = carry
-      (loss_sum, tokens), grads = grad_fn(*args, frozen, micro)
+      (loss_sum, tokens), grads = grad_fn(params, extra, frozen, micro)
       grad_acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
       return (loss_acc + loss_sum, tok_acc + tokens, grad_acc), None
 
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), args if cayley_once else args[0])
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), (params, extra))
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
     (loss_sum, tokens, grads), _ = jax.lax.scan(accumulate, init, _split_microbatches(batch, grad_accum_steps))
     return loss_sum, tokens, grads
 
   def gradients(params, frozen, batch):
     if not cayley_once:
-      loss_sum, tokens, grads = summed_gradients(params, None, frozen, batch)
+      loss_sum, tokens, (grads, _) = summed_gradients(params, {}, frozen, batch)
     else:
-      blocks, blocks_vjp = jax.vjp(lambda p: poet_blocks.layer_blocks(p, poet, activation_dtype), params)
+      poet_state = frozen[layers.POET_COLLECTION]
+      blocks, blocks_vjp = jax.vjp(lambda p: poet_blocks.layer_blocks(p, poet_state, poet, activation_dtype), params)
       # The model reads the blocks in its activations' dtype, as its layers' own map writes
       # them (a bfloat16 model holds them, and each microbatch's cotangent, at half the
       # memory); the cotangent is summed in float32.
-      model_blocks = jax.tree_util.tree_map(lambda g: g.astype(activation_dtype), blocks)
-      loss_sum, tokens, (grads, blocks_grads) = summed_gradients(params, model_blocks, frozen, batch)
+      extra = {layers.BLOCKS_COLLECTION: jax.tree_util.tree_map(lambda g: g.astype(activation_dtype), blocks)}
+      with layers.expecting_blocks():
+        loss_sum, tokens, (grads, extra_grads) = summed_gradients(params, extra, frozen, batch)
       # The generators' gradient: the map's backward of the summed blocks' cotangent (the
       # model itself gives `q_in`, `q_out` none, as its layers read the blocks).
+      blocks_grads = extra_grads[layers.BLOCKS_COLLECTION]
       from_blocks = blocks_vjp(jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), blocks_grads))[0]
       grads = jax.tree_util.tree_map(lambda g, d: g.astype(jnp.float32) + d.astype(jnp.float32), grads, from_blocks)
     grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)

@@ -99,7 +99,7 @@ def test_layer_blocks_mirror_the_layers_and_the_layers_read_them(scan_layers):
   """The blocks reach every layer (scaled blocks change the loss) and give the loss of
   layers that run the map themselves."""
   model, _, poet, state, batch = _setup(scan_layers=scan_layers)
-  tree = blocks.layer_blocks(state.params, poet)
+  tree = blocks.layer_blocks(state.params, state.frozen[layers.POET_COLLECTION], poet)
   if scan_layers:
     g = tree["blocks"]["attention"]["q_proj"][layers.BLOCKS]
     assert g.shape == (2, 4, 16, 16) and g.dtype == jnp.float32  # 2 stacked layers, 32 in + 32 out features
@@ -112,7 +112,7 @@ def test_layer_blocks_mirror_the_layers_and_the_layers_read_them(scan_layers):
       assert abs(float(loss({layers.BLOCKS_COLLECTION: scaled}) - given)) > 1e-4, jax.tree_util.keystr(path)
   assert relative_error(given, loss({})) < 1e-6
   with pytest.raises(ValueError, match="no wrapped layer"):
-    blocks.layer_blocks({"dense": {"kernel": jnp.zeros((2, 2))}}, poet)
+    blocks.layer_blocks({"dense": {"kernel": jnp.zeros((2, 2))}}, {}, poet)
 
 
 def test_a_transform_that_drops_the_blocks_is_an_error():
@@ -136,7 +136,7 @@ def test_a_transform_that_drops_the_blocks_is_an_error():
   model = poetx_jax.wrap(Stack(), poet)
   x = jnp.ones((3, 32))
   variables = model.init(jax.random.key(0), x)
-  tree = blocks.layer_blocks(variables["params"], poet)
+  tree = blocks.layer_blocks(variables["params"], variables[layers.POET_COLLECTION], poet)
   model.apply({**variables, layers.BLOCKS_COLLECTION: tree}, x)  # outside a train step: the layer's own map
   with layers.expecting_blocks(), pytest.raises(ValueError, match=r"found no blocks.*variable_axes=\{True: 0\}"):
     model.apply({**variables, layers.BLOCKS_COLLECTION: tree}, x)
