@@ -169,9 +169,14 @@ def _rotations_bwd(backend, precision, block_size, x, h_OxN, k_IxO, g_RxBxB, per
   x_IxN = x.reshape(-1, x.shape[-1]).T
   perm_in_inv, perm_in, _, perm_out_inv = _with_inverses(perms)
   blocks_in = x_IxN.shape[0] // block_size
-  if h_OxN is None:  # mem: recompute the hidden state, one extra large GEMM
-    h_OxN = _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision)
   dy_OxN = dy.reshape(-1, dy.shape[-1]).T
+  if h_OxN is None:  # mem: recompute the hidden state, one extra large GEMM
+    # Without remat the forward and this backward are one XLA program, whose CSE pass
+    # would merge the recomputation with the forward's own `h` and keep that alive
+    # until here: mem would then save nothing. The barrier ties the recomputation's
+    # operands to the cotangent, which exists only in the backward.
+    x_for_h, k_for_h, g_for_h = _tied_to_cotangent((x_IxN, k_IxO, g_RxBxB), dy_OxN)
+    h_OxN = _hidden_t(backend, x_for_h, k_for_h, g_for_h, perm_in_inv, precision)
   fresh = jax.ShapeDtypeStruct(g_RxBxB.shape, jnp.float32)
   copy = jax.ShapeDtypeStruct(g_RxBxB.shape, copy_dtype) if copy_dtype is not None else None
   # dG_out[i] = Σ h_iᵀ g1_i with g1 = dy[..., perm_out_inv]; dh = g1 · BD(G_out)ᵀ (one pass: both read g1).
@@ -183,6 +188,12 @@ def _rotations_bwd(backend, precision, block_size, x, h_OxN, k_IxO, g_RxBxB, per
       backend, dg_RxBxB, copy, dxr_IxN, None, x_IxN, perm_in_inv, g_RxBxB, 0, perm_in, perm_in_inv
   )
   return dx_IxN.T.reshape(x.shape), dg_RxBxB, copy
+
+
+def _tied_to_cotangent(operands, cotangent):
+  """`operands`, as values XLA cannot compute before `cotangent` exists."""
+  *operands, _ = jax.lax.optimization_barrier((*operands, cotangent))
+  return tuple(operands)
 
 
 _poet_layer.defvjp(_poet_layer_fwd, _poet_layer_bwd)
