@@ -9,7 +9,7 @@ saves nothing and costs nothing. The layer ties the recomputation to the cotange
 (`ops._tied_to_cotangent`); `--untied` also runs the layer with that tie removed, to
 show what it changes. For each implementation, variant and remat (none, or each layer
 under `jax.checkpoint`): the compiled program's temporary memory, the number of dot
-ops in it (one more per layer where `h` is computed again) and the median time of the
+ops in it (XLA dots and cuBLAS GEMM calls; one more per layer where `h` is computed again) and the median time of the
 jitted forward + backward.
 """
 
@@ -74,7 +74,7 @@ def measure(args, implementation, variant, remat, dtype):
   fn = stack_loss(kernels, perm_in_inv, perm_out, b, variant, remat, implementation, args.interpret)
   compiled = fn.lower(*xs[0]).compile()
   temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
-  dots = len(re.findall(r"\bdot\(", compiled.as_text()))
+  dots = len(re.findall(r"\bdot\(|custom_call_target=\"__cublas\$(lt\$matmul|gemm)", compiled.as_text()))
   ms = timing.time_ms(compiled, xs, calls=args.calls, batches=5) if args.calls else float("nan")
   return temp_mib, dots, ms
 

@@ -21,7 +21,11 @@ class POETConfig:
     neumann_terms: `k` of the Cayley–Neumann map (3 in POET-X); None for the exact
       Cayley map (a batched solve: exactly orthogonal, slower).
     variant: "fast" (keep the hidden state for the backward) or "mem" (recompute it:
-      one more large GEMM per layer, less activation memory).
+      one more large GEMM per layer, less activation memory). Mem is for models run
+      without remat: under `jax.checkpoint` / `nn.remat` the backward already
+      recomputes `h` (or saves it, as a dot's output, under a dots policy), and mem
+      computes it once more for nothing (H100, four 4096-wide layers, full remat: same
+      memory, 9.20 against 7.39 ms; `python -m benchmarks.mem_variant`).
     keep_cayley_state: keep the Cayley–Neumann intermediates (`Q`, `Q²`, `Q² − 2Q`,
       Pallas only) for the backward instead of recomputing them with two small
       kernels. Worth it for layers called directly (H100, 4096×14336, b = 256: 187 →

@@ -7,7 +7,8 @@ no third GEMM), and the two variants differ only in what they keep:
 
 * `fast` keeps `x`, `G` and `h = x[perm_in_inv]·BD(G_in)·K_s`;
 * `mem` keeps only `x` and `G`, and recomputes `h` in the backward (one extra large
-  GEMM).
+  GEMM), from operands tied to the cotangent: without remat XLA's CSE would otherwise
+  merge it with the forward's `h` and keep that alive (on the XLA path it did).
 
 Either can also keep the Cayley–Neumann map's intermediates (`Q`, `Q²`, `Q² − 2Q`
 per block, Pallas only; `keep_cayley_state`), which saves the backward two small

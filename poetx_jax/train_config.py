@@ -153,7 +153,7 @@ def from_config_dict(config, *, vocab_size: int | None = None) -> TrainConfig:
   data = _build(DataConfig, data_values, "data")
   poet_values = dict(values.get("poet", {}))
   poet_values.setdefault("seed", values.get("seed", 0))
-  return TrainConfig(
+  config = TrainConfig(
       mode=values.get("mode", "train"),
       seed=int(values.get("seed", 0)),
       model=_model(values.get("model", {}), data.seq_len, vocab_size or 0),
@@ -163,6 +163,23 @@ def from_config_dict(config, *, vocab_size: int | None = None) -> TrainConfig:
       train=_build(RunConfig, values.get("train", {}), "train"),
       mesh=_build(MeshConfig, values.get("mesh", {}), "mesh"),
   )
+  _check_variant_with_remat(config)
+  return config
+
+
+def _check_variant_with_remat(config: TrainConfig) -> None:
+  """The mem variant saves memory only where nothing else already drops `h`.
+
+  Under remat a block's backward first recomputes its forward, `h` included ("full"),
+  or keeps `h`, a dot's output ("dots"); mem would then compute `h` once more per layer
+  for no memory (`python -m benchmarks.mem_variant`, raw/run118_mem_variant.txt).
+  """
+  if config.optimizer.name == "poetx" and config.poet.variant == "mem" and config.model.remat != "none":
+    done = "recomputes" if config.model.remat == "full" else "saves"
+    raise ValueError(
+        f"poet.variant='mem' with model.remat={config.model.remat!r}: remat already {done} each layer's h, so mem"
+        " would only add one large GEMM per layer. Use poet.variant='fast' with remat, or 'mem' with model.remat='none'."
+    )
 
 
 def data_config(config) -> DataConfig:

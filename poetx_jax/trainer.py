@@ -178,7 +178,7 @@ def check_fits(compiled, config: TrainConfig, limit_bytes: int | None) -> None:
   if config.model.remat != "full":
     more = "'dots' or 'full'" if config.model.remat == "none" else "'full'"
     options.append(f"rematerialization (model.remat={more}, now {config.model.remat!r})")
-  if config.optimizer.name == "poetx" and config.poet.variant == "fast":
+  if config.optimizer.name == "poetx" and config.poet.variant == "fast" and config.model.remat == "none":
     options.append("the mem variant (poet.variant='mem')")
   options.append(f"more devices for the state (mesh.fsdp, now {config.mesh.fsdp})")
   raise ValueError(

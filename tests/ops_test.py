@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.ad_checkpoint
 import jax.numpy as jnp
@@ -100,6 +102,33 @@ def test_mem_keeps_no_hidden_state(rng):
 
   assert 32 * 64 in residual_sizes("fast")  # h: N x d_out
   assert 32 * 64 not in residual_sizes("mem")
+
+
+def test_mem_saves_memory_in_one_program_with_its_forward(rng):
+  """Forward and backward compiled together, without remat: XLA's CSE must not merge mem's
+  recomputed `h` with the forward's (it did, on the XLA path, before the recomputation was
+  tied to the cotangent), so mem computes the input rotation (a batched dot on this path)
+  and the GEMM once more per layer and its program holds about one `h` less per layer."""
+  layers, tokens, width, block = 8, 512, 64, 8
+  stack = [_layer(rng, width, width, block) for _ in range(layers)]
+  x = jnp.asarray(rng.standard_normal((tokens, width)), jnp.float32)
+
+  def compiled(variant):
+    def loss(qs, x):
+      for layer, (q_in, q_out) in zip(stack, qs):
+        layer = dict(layer, q_in_RxE=q_in, q_out_RxE=q_out)
+        x = jnp.tanh(ops.poet_linear(x, **layer, block_size=block, variant=variant, implementation="xla"))
+      return jnp.sum(x * x)
+
+    qs = [(layer["q_in_RxE"], layer["q_out_RxE"]) for layer in stack]
+    program = jax.jit(jax.grad(loss)).lower(qs, x).compile()
+    return program.memory_analysis().temp_size_in_bytes, len(re.findall(r"\bdot\(", program.as_text()))
+
+  (fast_bytes, fast_dots), (mem_bytes, mem_dots) = compiled("fast"), compiled("mem")
+  h_bytes = tokens * width * 4
+  assert mem_dots == fast_dots + 2 * layers
+  # mem's backward needs its own `h` and workspace, so the saving falls short of `layers` h.
+  assert fast_bytes - mem_bytes >= layers // 2 * h_bytes, (fast_bytes, mem_bytes, h_bytes)
 
 
 @pytest.mark.parametrize("variant", ops.VARIANTS)

@@ -1,5 +1,6 @@
 """The training system end to end on the CPU (8 fake devices) with a small text fixture."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -129,6 +130,18 @@ def test_bad_inputs_give_clear_errors(cache_dir, tmp_path):
     train_config.from_config_dict({**c.to_dict(), "train": {**c.train.to_dict(), "stepz": 3}})
 
 
+@pytest.mark.parametrize("remat,refused", [("none", False), ("full", True), ("dots", True)])
+@pytest.mark.parametrize("optimizer", ["poetx", "adamw"])
+def test_the_mem_variant_is_refused_where_remat_already_drops_or_keeps_h(remat, refused, optimizer):
+  c = base.get_config()
+  c.model.remat, c.poet.variant, c.optimizer.name = remat, "mem", optimizer
+  if refused and optimizer == "poetx":
+    with pytest.raises(ValueError, match=f"poet.variant='mem' with model.remat='{remat}'.*Use poet.variant='fast'"):
+      train_config.from_config_dict(c, vocab_size=512)
+  else:
+    assert train_config.from_config_dict(c, vocab_size=512).poet.variant == "mem"
+
+
 def test_a_step_too_large_for_the_device_is_refused_naming_the_settings():
   config = train_config.from_config_dict(base.get_config(), vocab_size=512)
   # A compiled step holding a donated 4 MB state, a 4 MB temporary and a fresh 4 MB output.
@@ -140,6 +153,10 @@ def test_a_step_too_large_for_the_device_is_refused_naming_the_settings():
   trainer.check_fits(compiled, config, limit_bytes=None)  # unknown limit (CPU): nothing to check
   with pytest.raises(ValueError, match=r"train.grad_accum_steps, now 1: 32 sequences each.*model.remat='dots' or 'full'.*poet.variant='mem'.*mesh.fsdp"):
     trainer.check_fits(compiled, config, limit_bytes=need - 1)
+  rematerialized = dataclasses.replace(config, model=dataclasses.replace(config.model, remat="dots"))
+  with pytest.raises(ValueError, match=r"model.remat='full', now 'dots'\) or more devices") as refusal:
+    trainer.check_fits(compiled, rematerialized, limit_bytes=need - 1)
+  assert "variant" not in str(refusal.value)  # mem saves nothing under remat
 
 
 def test_muon_trains(cache_dir, tmp_path):
