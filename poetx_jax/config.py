@@ -41,8 +41,10 @@ class POETConfig:
       sizes of 16 or more, where it measured faster at every shape; XLA otherwise).
     pallas_interpret: run the Pallas kernels in the interpreter (tests, CPU).
     batch_axes: mesh axes that split the batch when a step is traced under a mesh;
-      the Pallas kernels then run on each device's tokens. None: every mesh axis
-      (the trainer's data × fsdp mesh); () keeps XLA's own partitioning.
+      each layer then runs on each device's tokens (`shard_map`), on either
+      implementation. None: every mesh axis (the trainer's data × fsdp mesh); ()
+      leaves the layer to XLA's partitioner, which cannot split a Pallas kernel and
+      crashed on the XLA path's gathers in a scanned model on a 2-D mesh.
     skip_indivisible: train targeted layers whose dimensions `block_size` does not
       divide as plain dense layers (each one logged) instead of raising.
     init_scale: scale of the base kernel after each output neuron is normalized to

@@ -347,7 +347,8 @@ def poet_linear(
       on GPUs, which rounds only its `Q²` terms).
     batch_axes: when traced under `jit` with a mesh set (`jax.set_mesh`, or
       `jax.sharding.use_abstract_mesh` as the trainer does), the mesh axes that split
-      the token rows; the Pallas kernels then run on each device's rows (`shard_map`).
+      the token rows; the layer then runs on each device's rows (`shard_map`), on
+      either implementation.
       None: every axis of the mesh that is not already manual; (): none (XLA then
       gathers the kernels' operands onto every device).
 
@@ -379,9 +380,9 @@ def poet_linear(
 
 
 def _sharded_over_tokens(local, backend, batch_axes, x_NI, params, d_out):
-  """`local(x, *params)`, on each device's own tokens when a mesh splits them (Pallas only)."""
+  """`local(x, *params)`, on each device's own tokens when a mesh splits them."""
   mesh = jax.sharding.get_abstract_mesh()
-  token_axes = _token_axes(mesh, batch_axes) if backend.name.startswith("pallas") else ()
+  token_axes = _token_axes(mesh, batch_axes)
   if not token_axes:
     return local(x_NI, *params)
   # The devices split the leading axis: x's own when it divides (x then stays the array
@@ -434,7 +435,7 @@ def poet_linear_with_blocks(
                          g_RxBxB.astype(g_dtype), (perm_in_inv_I, perm_out_O))
 
   # Only then: on one device G stays the array given, which the backward saves by reference.
-  sharded = backend.name.startswith("pallas") and bool(_token_axes(jax.sharding.get_abstract_mesh(), batch_axes))
+  sharded = bool(_token_axes(jax.sharding.get_abstract_mesh(), batch_axes))
   params = (base_kernel_IxO, g_RxBxB.astype(jnp.float32) if sharded else g_RxBxB, perm_in_inv_I, perm_out_O)
   return _sharded_over_tokens(local, backend, batch_axes, x_NI, params, d_out)
 
@@ -457,7 +458,10 @@ def _on_local_tokens(local, mesh, token_axes, rows, num_params):
 
   XLA's partitioner cannot see into a Pallas kernel: left alone it gathers the
   kernel's operands onto every device, so each device would rotate every token of
-  the global batch. Here each device runs the kernels on its rows; the base kernel
+  the global batch. The XLA path goes the same way: left to the partitioner, a
+  scanned model of two or more layers on a mesh with both axes over 1 aborted the
+  process in XLA's SPMD partitioner (a failed check on device groups, `2 vs. 8`, in
+  jax 0.11.2's XLA). Here each device runs the layer on its rows; the base kernel
   and the generators enter whole (FSDP gathers the kernel as it would for a GEMM),
   and the generators' cotangents are summed over `token_axes` by `shard_map`'s
   transpose, like any data-parallel gradient.

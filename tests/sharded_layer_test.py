@@ -1,8 +1,9 @@
-"""Under a mesh, POET-X layers run their Pallas kernels on each device's own tokens.
+"""Under a mesh, POET-X layers run on each device's own tokens, on either implementation.
 
 XLA cannot partition a Pallas kernel; without `shard_map` every device would gather
-and rotate the whole global batch. These run on the 8 fake CPU devices of conftest,
-with the kernels interpreted.
+and rotate the whole global batch. The XLA path, left to XLA's partitioner, aborted
+the process in a scanned model on a 2-D mesh. These run on the 8 fake CPU devices of
+conftest, with the kernels interpreted.
 """
 
 import jax
@@ -112,14 +113,50 @@ def test_no_mesh_and_empty_batch_axes_leave_partitioning_to_xla(layer_inputs):
   assert "shard_map" not in str(jax.make_jaxpr(step)())
 
 
-def test_xla_path_is_left_to_xla_under_a_mesh(layer_inputs):
+def test_sharded_xla_layer_equals_the_unsharded_one(layer_inputs):
   mesh = _mesh()
+  x = jax.device_put(layer_inputs["x"], NamedSharding(mesh, P(("data", "fsdp"))))
 
-  def step():
+  def step(x):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return _loss_and_grads(layer_inputs, implementation="xla")
+      return _loss_and_grads(layer_inputs, implementation="xla", x=x)
 
-  assert "shard_map" not in str(jax.make_jaxpr(step)())
+  (loss, grads), (loss_ref, grads_ref) = jax.jit(step)(x), _loss_and_grads(layer_inputs, implementation="xla")
+  assert relative_error(loss, loss_ref) < 1e-5
+  for got, want in zip(grads, grads_ref):
+    assert relative_error(got, want) < 1e-5
+  assert "shard_map" in str(jax.make_jaxpr(step)(x))
+
+
+@pytest.mark.parametrize("cayley_once", [False, True])
+def test_a_scanned_xla_model_trains_on_a_2x4_mesh_as_on_one_device(cayley_once):
+  """Left to XLA's partitioner, this step (two scanned blocks, data 2 × fsdp 4, the XLA
+  path) aborted the process with a failed check in the SPMD partitioner (jax 0.11.2)."""
+  from benchmarks import synthetic
+  from configs import base
+  from poetx_jax import train_config, trainer
+
+  def build(data, fsdp):
+    c = base.get_config()
+    c.model.size = None
+    c.model.update(hidden=64, ffn=128, heads=2, layers=2, vocab_size=128, scan_layers=True, remat="dots")
+    c.data.seq_len = 8
+    c.poet.update(block_size=16, merge_interval=2, implementation="xla")
+    c.train.update(steps=10, global_batch_size=16, grad_accum_steps=2, cayley_once=cayley_once)
+    c.optimizer.warmup_steps = 2
+    c.mesh.update(data=data, fsdp=fsdp)
+    return trainer.build(train_config.from_config_dict(c), devices=jax.devices()[: data * fsdp])
+
+  results = []
+  for data, fsdp in ((1, 1), (2, 4)):
+    run = build(data, fsdp)
+    state = run.init_fn()
+    batch = synthetic.token_batch(run, 16, 8, 128)
+    for _ in range(3):  # a merge at step 2, and a step after it
+      state, metrics = run.train_step(state, batch)
+    results.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+  for one, many in zip(*results):
+    assert abs(one - many) < 1e-5 * abs(one), results
 
 
 def test_indivisible_rows_and_unknown_axes_say_what_to_change(layer_inputs):
