@@ -9,7 +9,9 @@ saves nothing and costs nothing. The layer ties the recomputation to the cotange
 (`ops._tied_to_cotangent`); `--untied` also runs the layer with that tie removed, to
 show what it changes. For each implementation, variant and remat (none, or each layer
 under `jax.checkpoint`): the compiled program's temporary memory, the number of dot
-ops in it (XLA dots and cuBLAS GEMM calls; one more per layer where `h` is computed again) and the median time of the
+ops in it (XLA dots and cuBLAS GEMM calls: where `h` is computed again, one more
+per layer on the Pallas path, the GEMM, and up to two on the XLA path, whose input
+rotation is a dot too) and the median time of the
 jitted forward + backward.
 """
 

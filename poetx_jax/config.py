@@ -24,8 +24,10 @@ class POETConfig:
       one more large GEMM per layer, less activation memory). Mem is for models run
       without remat: under `jax.checkpoint` / `nn.remat` the backward already
       recomputes `h` (or saves it, as a dot's output, under a dots policy), and mem
-      computes it once more for nothing (H100, four 4096-wide layers, full remat: same
-      memory, 9.20 against 7.39 ms; `python -m benchmarks.mem_variant`).
+      computes it once more for nothing (H100, four 4096-wide layers, full remat:
+      Pallas path same memory, 9.20 against 7.39 ms; XLA path 492 against 460 MiB,
+      12.25 against 9.77 ms; `python -m benchmarks.mem_variant`). With jax 0.10.2 on
+      the XLA path (CPU) mem saved no memory even without remat (see `ops.py`).
     keep_cayley_state: keep the Cayley–Neumann intermediates (`Q`, `Q²`, `Q² − 2Q`,
       Pallas only) for the backward instead of recomputing them with two small
       kernels. Worth it for layers called directly (H100, 4096×14336, b = 256: 187 →
@@ -43,8 +45,9 @@ class POETConfig:
     batch_axes: mesh axes that split the batch when a step is traced under a mesh;
       each layer then runs on each device's tokens (`shard_map`), on either
       implementation. None: every mesh axis (the trainer's data × fsdp mesh); ()
-      leaves the layer to XLA's partitioner, which cannot split a Pallas kernel and
-      crashed on the XLA path's gathers in a scanned model on a 2-D mesh.
+      leaves the layer to XLA's partitioner, which cannot split a Pallas kernel and,
+      on the XLA path, aborted the process (a failed device-group check) in a scanned
+      model on a 2-D mesh.
     skip_indivisible: train targeted layers whose dimensions `block_size` does not
       divide as plain dense layers (each one logged) instead of raising.
     init_scale: scale of the base kernel after each output neuron is normalized to

@@ -8,7 +8,9 @@ no third GEMM), and the two variants differ only in what they keep:
 * `fast` keeps `x`, `G` and `h = x[perm_in_inv]·BD(G_in)·K_s`;
 * `mem` keeps only `x` and `G`, and recomputes `h` in the backward (one extra large
   GEMM), from operands tied to the cotangent: without remat XLA's CSE would otherwise
-  merge it with the forward's `h` and keep that alive (on the XLA path it did).
+  merge it with the forward's `h` and keep that alive (on the XLA path it did). With
+  jax 0.10.2 XLA:CPU still merged the recomputed input rotation, so there mem saved
+  nothing; from jax 0.11 it holds (`tests/ops_test.py`).
 
 Either can also keep the Cayley–Neumann map's intermediates (`Q`, `Q²`, `Q² − 2Q`
 per block, Pallas only; `keep_cayley_state`), which saves the backward two small
@@ -175,7 +177,8 @@ def _rotations_bwd(backend, precision, block_size, x, h_OxN, k_IxO, g_RxBxB, per
     # Without remat the forward and this backward are one XLA program, whose CSE pass
     # would merge the recomputation with the forward's own `h` and keep that alive
     # until here: mem would then save nothing. The barrier ties the recomputation's
-    # operands to the cotangent, which exists only in the backward.
+    # operands to the cotangent, which exists only in the backward (enough from jax
+    # 0.11; jax 0.10.2's XLA:CPU still merged the input rotation).
     x_for_h, k_for_h, g_for_h = _tied_to_cotangent((x_IxN, k_IxO, g_RxBxB), dy_OxN)
     h_OxN = _hidden_t(backend, x_for_h, k_for_h, g_for_h, perm_in_inv, precision)
   fresh = jax.ShapeDtypeStruct(g_RxBxB.shape, jnp.float32)
@@ -348,9 +351,12 @@ def poet_linear(
     batch_axes: when traced under `jit` with a mesh set (`jax.set_mesh`, or
       `jax.sharding.use_abstract_mesh` as the trainer does), the mesh axes that split
       the token rows; the layer then runs on each device's rows (`shard_map`), on
-      either implementation.
-      None: every axis of the mesh that is not already manual; (): none (XLA then
-      gathers the kernels' operands onto every device).
+      either implementation, with the base kernel and generators whole on each device
+      (so the rows must divide over those axes; a tensor-parallel axis belongs out
+      of this list). None: every axis of the mesh that is not already manual; ():
+      none, the layer left to XLA's partitioner (which gathers a Pallas kernel's
+      operands onto every device, and on the XLA path aborted in a scanned model on a
+      2-D mesh; see `_on_local_tokens`).
 
   Returns:
     `(..., O)` outputs in `x`'s dtype.
@@ -376,10 +382,10 @@ def poet_linear(
     )
 
   params = (base_kernel_IxO, q_in_RxE, q_out_RxE, perm_in_inv_I, perm_out_O)
-  return _sharded_over_tokens(local, backend, batch_axes, x_NI, params, base_kernel_IxO.shape[-1])
+  return _sharded_over_tokens(local, batch_axes, x_NI, params, base_kernel_IxO.shape[-1])
 
 
-def _sharded_over_tokens(local, backend, batch_axes, x_NI, params, d_out):
+def _sharded_over_tokens(local, batch_axes, x_NI, params, d_out):
   """`local(x, *params)`, on each device's own tokens when a mesh splits them."""
   mesh = jax.sharding.get_abstract_mesh()
   token_axes = _token_axes(mesh, batch_axes)
@@ -437,7 +443,7 @@ def poet_linear_with_blocks(
   # Only then: on one device G stays the array given, which the backward saves by reference.
   sharded = bool(_token_axes(jax.sharding.get_abstract_mesh(), batch_axes))
   params = (base_kernel_IxO, g_RxBxB.astype(jnp.float32) if sharded else g_RxBxB, perm_in_inv_I, perm_out_O)
-  return _sharded_over_tokens(local, backend, batch_axes, x_NI, params, d_out)
+  return _sharded_over_tokens(local, batch_axes, x_NI, params, d_out)
 
 
 def _token_axes(mesh, batch_axes) -> tuple[str, ...]:

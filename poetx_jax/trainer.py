@@ -52,8 +52,8 @@ class Run:
 
 
 def _traced_under(mesh, fn):
-  """`fn` traced with `mesh` as the abstract mesh, so POET-X layers run their Pallas
-  kernels on each device's tokens (see `ops.poet_linear`'s `batch_axes`)."""
+  """`fn` traced with `mesh` as the abstract mesh, so POET-X layers run on each
+  device's tokens (see `ops.poet_linear`'s `batch_axes`)."""
 
   @functools.wraps(fn)
   def traced(*args, **kwargs):
