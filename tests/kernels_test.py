@@ -607,6 +607,28 @@ def test_rematerialized_train_step_launches_each_kernel_the_expected_number_of_t
   assert counts == expected
 
 
+@pytest.mark.parametrize("dtype,block,fused", [("bfloat16", 256, True), ("float32", 128, True), ("float32", 256, False),
+                                                ("bfloat16", 512, False)])
+def test_the_backward_fuses_its_sides_only_where_the_tiles_fit(dtype, block, fused):
+  """The fused kernel's shared memory grows with `B · itemsize`: float32 at b = 256 asked
+  the H100 for 368 KB of 227 and failed to compile (raw/run121_dtype_fit.txt), so there,
+  as at b = 512, the layer lowered for an H100 runs the separate rotation and outer sum."""
+  from poetx_jax import ops
+
+  d, tokens = 2 * block, 64
+  args = [jax.ShapeDtypeStruct((tokens, d), dtype), jax.ShapeDtypeStruct((d, d), dtype)]
+  args += [jax.ShapeDtypeStruct((d // block, block * (block - 1) // 2), jnp.float32)] * 2
+  args += [jax.ShapeDtypeStruct((d,), jnp.int32)] * 2
+
+  def loss(x, k, q_in, q_out, perm_in, perm_out):
+    y = ops.poet_linear(x, k, q_in, q_out, perm_in, perm_out, block_size=block, implementation="pallas")
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+
+  module = triton_backend.lower_for_h100(jax.grad(loss, argnums=(0, 2, 3)), *args)
+  fused_sides, outer_sums = module.count('name = "poetx_rotate_outer_sum"'), module.count('name = "poetx_block_outer_sum"')
+  assert (fused_sides, outer_sums) == ((2, 0) if fused else (0, 2))
+
+
 def test_gemm_baseline_kernel_matches_xla_interpreted(rng):
   """The Pallas GEMM that benchmarks/gemm_baseline.py times against XLA computes `K_sᵀ·xrᵀ`."""
   from benchmarks import gemm_baseline

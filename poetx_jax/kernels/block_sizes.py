@@ -218,9 +218,12 @@ class RotateOuterSumTiles:
 
 
 FUSED_MIN_RANGE_TOKENS = 1024  # the fewest tokens one range of the fused backward kernel sums
+FUSED_MAX_BLOCK_BYTES = 512  # the widest block row (B · operand bytes) the fused kernel's tiles fit
 
 
-def rotate_outer_sum_tiles(block_size: int, tokens: int, num_blocks: int | None = None) -> RotateOuterSumTiles | None:
+def rotate_outer_sum_tiles(
+    block_size: int, tokens: int, num_blocks: int | None = None, itemsize: int = 2
+) -> RotateOuterSumTiles | None:
   """Tiles of the fused backward kernel (`kernels/rotate_outer_sum.py`), or None where
   the separate rotation and outer-sum kernels are faster.
 
@@ -256,8 +259,15 @@ def rotate_outer_sum_tiles(block_size: int, tokens: int, num_blocks: int | None 
   4096, N = 2048): a program's `512 x tokens` operand tile and `rows x 512` cotangent
   leave too little shared memory and too few registers for a pipeline. None: the
   separate kernels run there. Blocks under 256 use the same rule, not swept.
+
+  `itemsize`: bytes per operand element. A program's shared memory grows with
+  `B · itemsize` (its `B x tokens` operand tiles and `rows x B` slice of `G`): float32
+  at b = 256 asked for 368 KB, more than the H100's 227 KB, and failed to compile,
+  where bfloat16 at 256 and float32 at 128 ran (`python -m benchmarks.dtype_fit`,
+  raw/run121_dtype_fit.txt). So the fused kernel runs up to `B · itemsize` = 512
+  bytes (bfloat16 to b = 256, float32 to b = 128), the separate kernels beyond.
   """
-  if block_size > 256:
+  if block_size > 256 or block_size * itemsize > FUSED_MAX_BLOCK_BYTES:
     return None
   choices = []
   for rows, warps, stages in ((128, 8, 3), (64, 4, 4)):

@@ -17,7 +17,8 @@ accumulated over the token steps (over one token range when the caller splits th
 tokens to fill the GPU; the ranges' partial cotangents are then added).
 
 At b = 512 no tiling beat the two kernels apart (`block_sizes.rotate_outer_sum_tiles`),
-so there this function runs them.
+and with float32 operands at b = 256 the tiles do not fit in shared memory, so there
+this function runs them.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def rotate_outer_sum_into(
       same blocks rounded (the Cayley backward's bfloat16 operand).
     tiles: `block_sizes.RotateOuterSumTiles`, or None for the rule there, which
       picks the separate rotation and outer-sum kernels where they measured faster
-      (b = 512).
+      (b = 512) or the fused kernel's tiles do not fit (float32 at b = 256).
 
   Returns:
     `(rot (D, N) in s's dtype, dG)`, or `(rot, dG, copy)` with `copy_into`.
@@ -125,7 +126,8 @@ def rotate_outer_sum_into(
     raise ValueError(f"the cotangent buffer must be float32 {g_RxBxB.shape} like G; got {into.dtype} {into.shape}.")
   if copy_into is not None and copy_into.shape != into.shape:
     raise ValueError(f"copy_into must have the result's shape {into.shape}, got {copy_into.shape}.")
-  tiles = tiles or block_sizes.rotate_outer_sum_tiles(block, n, num_blocks)
+  itemsize = max(jnp.dtype(v.dtype).itemsize for v in (s_DxN, a_DxN, g_RxBxB))
+  tiles = tiles or block_sizes.rotate_outer_sum_tiles(block, n, num_blocks, itemsize)
   if tiles is not None and block % tiles.rows:
     raise ValueError(f"fused backward tiles {tiles} do not divide block size {block}: rows must.")
   if tiles is None:  # measured faster apart at this block size (see the rule)
