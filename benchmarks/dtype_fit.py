@@ -1,6 +1,7 @@
 """Does every Pallas kernel compile, and match its reference, in each activation dtype?
 
   python -m benchmarks.dtype_fit
+  python -m benchmarks.dtype_fit --shapes 512x7,2048x1000,5632x32768 --cases "layer fast"
 
 The tile rules were swept with bfloat16 activations; float32 ones double every tile's
 shared memory. For each dtype and block size this runs, compiled on the GPU: the
@@ -71,18 +72,25 @@ def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--blocks", default="32,64,128,256,512")
-  parser.add_argument("--width", type=int, default=1024)
-  parser.add_argument("--tokens", type=int, default=2048)
+  parser.add_argument("--shapes", default="1024x2048", help="comma-separated WIDTHxTOKENS (square layers)")
+  parser.add_argument("--cases", default="", help='comma-separated case names (e.g. "layer fast"); default all')
   args = parser.parse_args(argv)
-  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; width {args.width}, {args.tokens} tokens")
-  for dtype in args.dtypes.split(","):
-    for block in (int(b) for b in args.blocks.split(",")):
-      for name, case in _cases(jnp.dtype(dtype), block, args.width, args.tokens):
-        try:
-          result = f"ok, rel err {case():.1e}"
-        except Exception as error:  # pylint: disable=broad-except  (report and go on)
-          result = f"FAILED: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
-        print(f"{dtype:<9} b={block:<4} {name:<20} {result}", flush=True)
+  wanted = {c for c in args.cases.split(",") if c}
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  for shape in args.shapes.split(","):
+    width, tokens = (int(v) for v in shape.split("x"))
+    for dtype in args.dtypes.split(","):
+      for block in (int(b) for b in args.blocks.split(",")):
+        if width % block:
+          continue
+        for name, case in _cases(jnp.dtype(dtype), block, width, tokens):
+          if wanted and name not in wanted:
+            continue
+          try:
+            result = f"ok, rel err {case():.1e}"
+          except Exception as error:  # pylint: disable=broad-except  (report and go on)
+            result = f"FAILED: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+          print(f"{width}x{tokens:<7} {dtype:<9} b={block:<4} {name:<20} {result}", flush=True)
 
 
 if __name__ == "__main__":
