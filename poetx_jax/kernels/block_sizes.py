@@ -260,8 +260,10 @@ def rotate_outer_sum_tiles(
   leave too little shared memory and too few registers for a pipeline. None: the
   separate kernels run there. Blocks under 256 use the same rule, not swept.
 
-  `itemsize`: bytes per operand element. A program's shared memory grows with
-  `B · itemsize` (its `B x tokens` operand tiles and `rows x B` slice of `G`): float32
+  `itemsize`: bytes per element of the operands a program loads (the shared `B x
+  tokens` tile, the other factor's `rows x tokens` tile and its `rows x B` slice of
+  `G`, cast to the shared operand's dtype); its shared memory grows with
+  `B · itemsize`: float32
   at b = 256 asked for 368 KB, more than the H100's 227 KB, and failed to compile,
   where bfloat16 at 256 and float32 at 128 ran (`python -m benchmarks.dtype_fit`,
   raw/run121_dtype_fit.txt). So the fused kernel runs up to `B · itemsize` = 512

@@ -126,7 +126,8 @@ def rotate_outer_sum_into(
     raise ValueError(f"the cotangent buffer must be float32 {g_RxBxB.shape} like G; got {into.dtype} {into.shape}.")
   if copy_into is not None and copy_into.shape != into.shape:
     raise ValueError(f"copy_into must have the result's shape {into.shape}, got {copy_into.shape}.")
-  itemsize = max(jnp.dtype(v.dtype).itemsize for v in (s_DxN, a_DxN, g_RxBxB))
+  # The tiles the kernel loads: s's and a's in their dtypes, G's slice cast to s's (below).
+  itemsize = max(jnp.dtype(v.dtype).itemsize for v in (s_DxN, a_DxN))
   tiles = tiles or block_sizes.rotate_outer_sum_tiles(block, n, num_blocks, itemsize)
   if tiles is not None and block % tiles.rows:
     raise ValueError(f"fused backward tiles {tiles} do not divide block size {block}: rows must.")
