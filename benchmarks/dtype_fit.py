@@ -7,7 +7,10 @@ The tile rules were swept with bfloat16 activations; float32 ones double every t
 shared memory. For each dtype and block size this runs, compiled on the GPU: the
 forward rotations (gather and scatter forms), the backward's fused rotation + outer
 sum with the rule's tiles, and the whole layer's forward and backward (fast and mem),
-each against the XLA path. It prints `ok` with the largest relative error, or the
+each against the XLA path. It prints `ok` with the largest relative error over the
+outputs and gradients (relative L2 error per array; runs 121 to 125 used `Σ y²`, whose
+output-side generator gradient is nearly zero, so their bfloat16 errors overstate the
+gap), or the
 first line of the error (a tiling that asks for more shared memory than the H100 has
 fails here, at compile time).
 """
@@ -55,10 +58,14 @@ def _cases(dtype, block, width, tokens):
     k = jnp.asarray(rng.standard_normal((width, width)) / width**0.5, dtype)
     q = [jnp.asarray(0.05 * rng.standard_normal((width // block, skew.packed_size(block))), jnp.float32) for _ in range(2)]
 
+    # Not `Σ y²`: an orthogonal output side leaves that unchanged, so its generators'
+    # gradient is nearly zero and any rounding is a large relative error of it.
+    w = jnp.asarray(rng.standard_normal((tokens, width)), jnp.float32)
+
     def loss(impl):
       def f(x, q_in, q_out):
         y = ops.poet_linear(x, k, q_in, q_out, perm, perm, block_size=block, variant=variant, implementation=impl)
-        return jnp.sum(jnp.square(y.astype(jnp.float32)))
+        return jnp.sum(w * jnp.sin(y.astype(jnp.float32)))
       return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, *q)
 
     got, want = loss("pallas"), loss("xla")
