@@ -128,29 +128,33 @@ def test_sharded_xla_layer_equals_the_unsharded_one(layer_inputs):
   assert "shard_map" in str(jax.make_jaxpr(step)(x))
 
 
-def scanned_xla_model_results(cayley_once: bool) -> list[tuple[float, float]]:
-  """(loss, grad norm) after three steps of two scanned blocks on the XLA path, on one
-  device and on a data 2 × fsdp 4 mesh (a merge at step 2, and a step after it)."""
+def _small_runs(cayley_once, *, model, poet):
+  """`(run, state, batch)` of a small LLaMA trainer, on one device and then on a
+  data 2 × fsdp 4 mesh; `model` and `poet` update the base config's sections."""
   from benchmarks import synthetic
   from configs import base
   from poetx_jax import train_config, trainer
 
-  def build(data, fsdp):
+  for data, fsdp in ((1, 1), (2, 4)):
     c = base.get_config()
     c.model.size = None
-    c.model.update(hidden=64, ffn=128, heads=2, layers=2, vocab_size=128, scan_layers=True, remat="dots")
+    c.model.update(hidden=64, ffn=128, heads=2, vocab_size=128, **model)
     c.data.seq_len = 8
-    c.poet.update(block_size=16, merge_interval=2, implementation="xla")
+    c.poet.update(block_size=16, **poet)
     c.train.update(steps=10, global_batch_size=16, grad_accum_steps=2, cayley_once=cayley_once)
     c.optimizer.warmup_steps = 2
     c.mesh.update(data=data, fsdp=fsdp)
-    return trainer.build(train_config.from_config_dict(c), devices=jax.devices()[: data * fsdp])
+    run = trainer.build(train_config.from_config_dict(c), devices=jax.devices()[: data * fsdp])
+    yield run, run.init_fn(), synthetic.token_batch(run, 16, 8, 128)
 
+
+def scanned_xla_model_results(cayley_once: bool) -> list[tuple[float, float]]:
+  """(loss, grad norm) after three steps of two scanned blocks on the XLA path, on one
+  device and on a data 2 × fsdp 4 mesh (a merge at step 2, and a step after it)."""
   results = []
-  for data, fsdp in ((1, 1), (2, 4)):
-    run = build(data, fsdp)
-    state = run.init_fn()
-    batch = synthetic.token_batch(run, 16, 8, 128)
+  for run, state, batch in _small_runs(
+      cayley_once, model=dict(layers=2, scan_layers=True, remat="dots"), poet=dict(merge_interval=2, implementation="xla")
+  ):
     for _ in range(3):
       state, metrics = run.train_step(state, batch)
     results.append((float(metrics["loss"]), float(metrics["grad_norm"])))
@@ -213,27 +217,11 @@ def test_trainer_step_runs_kernels_per_device_and_matches_one_device(cayley_once
   With `train.cayley_once` the Cayley–Neumann kernels run once, outside (on generators XLA
   gathers for them, as for any operand of a kernel it cannot partition), and the rotations
   inside; the gradient norm matches too."""
-  from benchmarks import synthetic
-  from configs import base
-  from poetx_jax import train_config, trainer
-
-  def build(data, fsdp):
-    c = base.get_config()
-    c.model.size = None
-    c.model.update(hidden=64, ffn=128, heads=2, layers=1, vocab_size=128)
-    c.data.seq_len = 8
-    c.poet.update(block_size=16, merge_interval=50, implementation="pallas", pallas_interpret=True)
-    c.train.update(steps=10, global_batch_size=16, grad_accum_steps=2, cayley_once=cayley_once)
-    c.optimizer.warmup_steps = 2
-    c.mesh.update(data=data, fsdp=fsdp)
-    return trainer.build(train_config.from_config_dict(c), devices=jax.devices()[: data * fsdp])
-
   losses = []
-  for data, fsdp in ((1, 1), (2, 4)):
-    run = build(data, fsdp)
-    state = run.init_fn()
-    batch = synthetic.token_batch(run, 16, 8, 128)
-    if data * fsdp > 1:
+  for run, state, batch in _small_runs(
+      cayley_once, model=dict(layers=1), poet=dict(merge_interval=50, implementation="pallas", pallas_interpret=True)
+  ):
+    if run.mesh.devices.size > 1:
       found = _kernels(run.train_step.trace(state, batch).jaxpr.jaxpr)
       outside = {name for name, inside in found if not inside}
       assert {name for name, inside in found if inside} >= {"poetx_block_rotate", "poetx_rotate_outer_sum"}, found

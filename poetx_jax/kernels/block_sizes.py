@@ -263,10 +263,9 @@ def rotate_outer_sum_tiles(
   `itemsize`: bytes per element of the operands a program loads (the shared `B x
   tokens` tile, the other factor's `rows x tokens` tile and its `rows x B` slice of
   `G`, cast to the shared operand's dtype); its shared memory grows with
-  `B · itemsize`: float32
-  at b = 256 asked for 368 KB, more than the H100's 227 KB, and failed to compile,
-  where bfloat16 at 256 and float32 at 128 ran (`python -m benchmarks.dtype_fit`,
-  raw/run121_dtype_fit.txt). So the fused kernel runs up to `B · itemsize` = 512
+  `B · itemsize`: float32 at b = 256 asked for 368 KB, more than the H100's 227 KB,
+  and failed to compile, where bfloat16 at 256 and float32 at 128 ran (`python -m
+  benchmarks.dtype_fit`, raw/run121_dtype_fit.txt). So the fused kernel runs up to `B · itemsize` = 512
   bytes (bfloat16 to b = 256, float32 to b = 128), the separate kernels beyond.
   """
   if block_size > 256 or block_size * itemsize > FUSED_MAX_BLOCK_BYTES:
