@@ -23,6 +23,7 @@ import tempfile
 if "jax" in sys.modules:
   raise RuntimeError("benchmarks.ptx_census must set XLA_FLAGS before jax is imported: run it as a script.")
 DUMP_DIR = tempfile.mkdtemp(prefix="ptx_census_")
+# With XLA's parallel compilation on, jax 0.11.2 on the H100 wrote no PTX at all (run 129).
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={DUMP_DIR} --xla_gpu_dump_llvmir=true --xla_dump_emitter_re=.* --xla_gpu_force_compilation_parallelism=1".strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS)
