@@ -129,3 +129,35 @@ def test_layer_floor_ideal_layer_has_the_blockwise_layers_gradients(keep_hidden)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-4)
     for got, want in zip(vjp(dy), vjp_ref(dy)):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+
+
+def test_ptx_census_counts_each_kernels_own_instructions():
+  """wgmma's `.sync` suffixes are not `mma.sync`; cp.async's commit/wait and the bulk
+  stores are not loads; each count lands on the kernel whose body holds it."""
+  from benchmarks import ptx_census
+  ptx = """
+.version 8.4
+.visible .entry poetx_rotate(
+  .param .u64 a
+)
+{
+  wgmma.fence.sync.aligned;
+  wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1}, %rd1, %rd2;
+  wgmma.commit_group.sync.aligned;
+  cp.async.cg.shared.global [%r1], [%rd3], 16;
+  cp.async.commit_group;
+  ld.global.v4.b32 {%r2, %r3, %r4, %r5}, [%rd4];
+}
+.entry gemm_fusion(
+  .param .u64 b
+)
+{
+  mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f2}, {%r6}, {%r7}, {%f3};
+  cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%r8], [%rd5, {%r9, %r10}], [%r11];
+  cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%rd6, {%r12, %r13}], [%r14];
+  cp.async.bulk.commit_group;
+}
+"""
+  counts = ptx_census.kernels_in_ptx(ptx)
+  assert dict(counts["poetx_rotate"]) == {"wgmma": 1, "mma.sync": 0, "ld.global": 1, "cp.async": 1, "TMA load": 0}
+  assert dict(counts["gemm_fusion"]) == {"wgmma": 0, "mma.sync": 1, "ld.global": 0, "cp.async": 0, "TMA load": 1}
