@@ -23,13 +23,19 @@ import re
 import sys
 import tempfile
 
-# XLA reads its flags once, when jax starts: imported after jax (a test reading the
-# PTX parser), the flags below come too late and `main` refuses to run.
+# XLA reads its flags once, when jax starts. Imported after jax (a test reading the
+# PTX parser) the module leaves the environment alone, since the flags would come too
+# late here and would reach every subprocess started later (XLA:CPU with these dump
+# flags crashed a multi-device test), and `main` refuses to run.
 _FLAGS_BEFORE_JAX = "jax" not in sys.modules
-DUMP_DIR = tempfile.mkdtemp(prefix="ptx_census_")
-# With XLA's parallel compilation on, jax 0.11.2 on the H100 wrote no PTX at all
-# (raw/run129_ptx_census.txt).
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={DUMP_DIR} --xla_gpu_dump_llvmir=true --xla_dump_emitter_re=.* --xla_gpu_force_compilation_parallelism=1".strip()
+DUMP_DIR = tempfile.mkdtemp(prefix="ptx_census_") if _FLAGS_BEFORE_JAX else None
+if _FLAGS_BEFORE_JAX:
+  # With XLA's parallel compilation on, jax 0.11.2 on the H100 wrote no PTX at all
+  # (raw/run129_ptx_census.txt).
+  os.environ["XLA_FLAGS"] = (
+      f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={DUMP_DIR} --xla_gpu_dump_llvmir=true "
+      "--xla_dump_emitter_re=.* --xla_gpu_force_compilation_parallelism=1"
+  ).strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import jax.numpy as jnp  # noqa: E402

@@ -133,8 +133,12 @@ def test_layer_floor_ideal_layer_has_the_blockwise_layers_gradients(keep_hidden)
 
 def test_ptx_census_counts_each_kernels_own_instructions():
   """wgmma's `.sync` suffixes are not `mma.sync`; cp.async's commit/wait and the bulk
-  stores are not loads; each count lands on the kernel whose body holds it."""
+  stores are not loads; each count lands on the kernel whose body holds it. Imported
+  after jax, the module leaves XLA_FLAGS alone: its dump flags, inherited by a later
+  test's subprocess, crashed XLA:CPU there (two CI runs)."""
+  flags = os.environ.get("XLA_FLAGS")
   from benchmarks import ptx_census
+  assert os.environ.get("XLA_FLAGS") == flags
   ptx = """
 .version 8.4
 .visible .entry poetx_rotate(
