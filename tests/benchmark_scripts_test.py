@@ -165,3 +165,20 @@ def test_ptx_census_counts_each_kernels_own_instructions():
   counts = ptx_census.kernels_in_ptx(ptx)
   assert dict(counts["poetx_rotate"]) == {"wgmma": 1, "mma.sync": 0, "ld.global": 1, "cp.async": 1, "TMA load": 0}
   assert dict(counts["gemm_fusion"]) == {"wgmma": 0, "mma.sync": 1, "ld.global": 0, "cp.async": 0, "TMA load": 1}
+
+
+def test_cayley_rows_probe_is_the_cayley_neumann_map():
+  """The probe's one-kernel forward, interpreted, equals the reference map (float32
+  operands exactly; bfloat16 within its rounding of the Q² terms), so what it times is right."""
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import cayley_rows_probe as probe
+  from poetx_jax import cayley, skew
+
+  block = 32
+  q = 0.3 / block ** 0.5 * jax.random.normal(jax.random.key(3), (3, skew.packed_size(block)))
+  want = cayley.cayley_neumann(q, block, 3)
+  for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2e-3)):
+    got = probe.rows_forward(q, block, side=16, operand_dtype=dtype, out_dtype=jnp.float32, interpret=True,
+                             precision=jax.lax.Precision.HIGHEST)
+    assert float(jnp.max(jnp.abs(got - want))) < tol, dtype
