@@ -7,7 +7,8 @@ holding `Q` (`B x B`, in shared memory) and its own rows can chain the powers wi
 any other program's results: `G[i] = I[i] + 2Q[i] + 2T2 + 2T3 + T4` with
 `T(k+1) = Tk·Q`. Against the shipped forward (square kernel: `Q2`, `P`; Neumann
 kernel: `Q2·P`), this does 1.5x the arithmetic but writes and reads no `(R, B, B)`
-intermediates. `Q` must fit in shared memory with the row tile: b <= 256 in bf16. Both
+intermediates. `Q` must fit in shared memory with the row tile: b <= 256 in bf16,
+b <= 128 in float32. Both
 forms start from the same unpacked `Q` (the skew kernel). A probe, not used by the layer.
 """
 
@@ -44,6 +45,8 @@ def _rows_kernel(packed_ref, q_ref, o_ref, *, block, side, precision):
 def rows_forward(q_RxE, block, *, side=64, num_warps=4, operand_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16,
                  precision=None, interpret=False):
   """`G` by the skew kernel and one row-tile kernel."""
+  if block % side:
+    raise ValueError(f"side {side} must divide block size {block}: other rows would never be written.")
   r = q_RxE.shape[0]
   skew_tiles = block_sizes.cayley_skew_tiles(block, r)
   q = cn._square_blocks(  # pylint: disable=protected-access

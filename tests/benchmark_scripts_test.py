@@ -169,7 +169,7 @@ def test_ptx_census_counts_each_kernels_own_instructions():
 
 def test_cayley_rows_probe_is_the_cayley_neumann_map():
   """The probe's one-kernel forward, interpreted, equals the reference map (float32
-  operands exactly; bfloat16 within its rounding of the Q² terms), so what it times is right."""
+  operands to 1e-6; bfloat16 within its rounding of the Q² terms), so what it times is right."""
   import jax
   import jax.numpy as jnp
   from benchmarks import cayley_rows_probe as probe
