@@ -8,8 +8,8 @@ any other program's results: `G[i] = I[i] + 2Q[i] + 2T2 + 2T3 + T4` with
 `T(k+1) = Tk·Q`. Against the shipped forward (square kernel: `Q2`, `P`; Neumann
 kernel: `Q2·P`), this does 1.5x the arithmetic but writes and reads no `(R, B, B)`
 intermediates. `Q` must fit in shared memory with the row tile: b <= 256 in bf16,
-b <= 128 in float32. Both
-forms start from the same unpacked `Q` (the skew kernel). A probe, not used by the layer.
+b <= 128 in float32. Both forms start from the same unpacked `Q` (the skew kernel). A
+probe, not used by the layer.
 """
 
 from __future__ import annotations
