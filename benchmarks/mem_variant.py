@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import timing
-from poetx_jax import ops
+from poetx_jax import ops, skew
 
 
 @contextlib.contextmanager
@@ -65,9 +65,9 @@ def measure(args, implementation, variant, remat, dtype):
       (jax.random.normal(jax.random.fold_in(key, i), (width, width), jnp.float32) / width**0.5).astype(dtype)
       for i in range(args.layers)
   ]
-  slots = b * (b - 1) // 2
+  q_shape = (width // b, skew.packed_size(b))
   qs = [
-      tuple(1e-3 * jax.random.normal(jax.random.fold_in(key, 100 + 2 * i + side), (width // b, slots)) for side in (0, 1))
+      tuple(1e-3 * jax.random.normal(jax.random.fold_in(key, 100 + 2 * i + side), q_shape) for side in (0, 1))
       for i in range(args.layers)
   ]
   perm_in_inv = jax.random.permutation(jax.random.fold_in(key, 7), width).astype(jnp.int32)
