@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.size = "60m"  # a row of SPEC §9 (60m 130m 350m 1b 3b 8b 13b); set to None to give every dimension below
   c.model.vocab_size = 0  # 0: the tokenizer's vocabulary rounded up to a multiple of 128
   c.model.dtype = "float32"  # computation dtype ("bfloat16" on GPUs)
-  c.model.param_dtype = "float32"  # storage dtype of parameters and POET-X base kernels
+  c.model.param_dtype = "float32"  # storage dtype of the trainable parameters (and of POET-X base kernels unless poet.base_dtype)
   c.model.remat = "none"  # "none", "full" or "dots": rematerialize each block in the backward
   c.model.attention = None  # jax.nn.dot_product_attention implementation: None (XLA picks), "xla", "cudnn"
   c.model.init_std = 0.02  # std of the normal initializers (POET-X then normalizes each output neuron)
@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.b1 = 0.9  # Adam beta1
   c.optimizer.b2 = 0.999  # Adam beta2
   c.optimizer.eps = 1e-6  # Adam epsilon, added to sqrt(v_hat)
+  # storage dtype of Adam's first moment: None (each parameter's dtype), "bfloat16" or "float32"
+  c.optimizer.mu_dtype = ml_collections.config_dict.placeholder(str)
+  c.optimizer.galore_rank = 128  # galore: rank of each hidden matrix's gradient projection
+  c.optimizer.galore_update_proj_gap = 200  # galore: steps between recomputed projections (an SVD each)
 
   c.poet = ml_collections.ConfigDict()
   c.poet.block_size = 256  # B: side of each orthogonal block; must divide every wrapped width
@@ -49,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.poet.skip_indivisible = False  # train layers that block_size does not divide densely (logged) instead of failing
   c.poet.init_scale = 1.0  # scale of the unit-norm-per-output-neuron base kernels; None keeps the plain init
   c.poet.param_dtype = "float32"  # dtype of the orthogonal parameters and their Adam moments
+  # frozen base kernels: None (model.param_dtype), "bfloat16", "float32" or "int8" (POET-XQ: uint8 codes per group)
+  c.poet.base_dtype = ml_collections.config_dict.placeholder(str)
+  c.poet.quant_group_size = 256  # int8: input features of one output column sharing a scale and offset
+  c.poet.quant_error_feedback = False  # int8: keep each merge's rounding residual (4 bits a weight) for the next merge
   c.poet.poet_lr_scale = 0.5  # orthogonal parameters train at poet_lr x this
   c.poet.clip_ramp_steps = 10  # after a merge the clip ramps from 0.1x to 1x over this many steps
   c.poet.clip_ramp_until = None  # ramp only while step < this (None: the whole run)

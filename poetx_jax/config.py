@@ -7,7 +7,7 @@ import re
 
 import jax.numpy as jnp
 
-from poetx_jax import backends, ops
+from poetx_jax import backends, base_storage, ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,18 @@ class POETConfig:
     init_scale: scale of the base kernel after each output neuron is normalized to
       unit L2 norm ("normalized Gaussian", SPEC §7); None keeps the layer's own
       initializer unnormalized.
-    param_dtype: dtype of the orthogonal parameters (and so of their Adam moments).
+    param_dtype: dtype of the orthogonal parameters (and so of their Adam moments,
+      unless the optimizer stores its first moment in another).
+    base_dtype: storage of the frozen base kernels: None (the wrapped layer's own
+      `param_dtype`), "bfloat16", "float32", or "int8" (POET-XQ: uint8 codes with a
+      float32 scale and offset per group, dequantized where the layer's GEMMs read
+      them, re-quantized at every merge; see `quantization.py`).
+    quant_group_size: XQ's group, contiguous input features of one output column
+      (of the stored, permuted kernel) sharing a scale and offset; must divide every
+      wrapped layer's `d_in`.
+    quant_error_feedback: XQ: also store each merge's rounding residual (4 bits per
+      weight) and start the next merge from codes plus residual, so rounding errors
+      do not accumulate merge after merge (`docs/performance.md`, "POET-XQ").
     poet_lr_scale: the orthogonal parameters train at `poet_learning_rate × this`.
     clip_ramp_steps: after each merge the clip threshold ramps from 0.1× to 1× over
       this many steps (SPEC §8); 0 disables the ramp.
@@ -75,6 +86,9 @@ class POETConfig:
   skip_indivisible: bool = False
   init_scale: float | None = 1.0
   param_dtype: str = "float32"
+  base_dtype: str | None = None
+  quant_group_size: int = 256
+  quant_error_feedback: bool = False
   poet_lr_scale: float = 0.5
   clip_ramp_steps: int = 10
   clip_ramp_until: int | None = None
@@ -105,9 +119,16 @@ class POETConfig:
     if self.init_scale is not None and not self.init_scale > 0:
       problems.append(f"init_scale must be > 0 or None, got {self.init_scale!r}")
     try:
-      jnp.dtype(self.param_dtype)
+      if not jnp.issubdtype(jnp.dtype(self.param_dtype), jnp.floating):
+        problems.append(f"param_dtype must be a floating dtype (the generators are trained), got {self.param_dtype!r}")
     except TypeError:
       problems.append(f"param_dtype {self.param_dtype!r} is not a dtype name")
+    if self.base_dtype is not None and self.base_dtype not in base_storage.BASE_DTYPES:
+      problems.append(f"base_dtype must be None or one of {base_storage.BASE_DTYPES}, got {self.base_dtype!r}")
+    if not isinstance(self.quant_group_size, int) or self.quant_group_size < 2 or self.quant_group_size % 2:
+      problems.append(f"quant_group_size must be an even int >= 2, got {self.quant_group_size!r}")
+    if not isinstance(self.quant_error_feedback, bool):
+      problems.append(f"quant_error_feedback must be True or False, got {self.quant_error_feedback!r}")
     if not self.poet_lr_scale > 0:
       problems.append(f"poet_lr_scale must be > 0, got {self.poet_lr_scale!r}")
     if self.clip_ramp_steps < 0:

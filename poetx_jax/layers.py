@@ -6,7 +6,9 @@ creates sit at the layer's own path:
 * `params/<path>/q_in`, `q_out`: packed skew generators (zeros at init and after
   every merge), and `bias` when the layer has one;
 * `poet/<path>/base_kernel`: `K_s`, the frozen base kernel already permuted, in the
-  layer's kernel shape and `param_dtype`;
+  layer's kernel shape and `POETConfig.base_dtype` (default: the layer's
+  `param_dtype`); for XQ (`base_dtype="int8"`) uint8 codes, with `base_scale`,
+  `base_offset` (and `base_residual`) beside it (`base_storage.py`);
 * `poet/<path>/perm_in_inv`, `perm_out`: the two gathers of the forward;
 * `poet/<path>/neumann_terms`: `k` (int32, -1 for exact), so that exports and
   monitoring need the variables alone.
@@ -25,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from poetx_jax import cayley, ops, permutation, skew
+from poetx_jax import base_storage, cayley, ops, permutation, quantization, skew
 from poetx_jax.config import POETConfig
 
 logger = logging.getLogger("poetx_jax")
 
 POET_COLLECTION = "poet"
-BASE_KERNEL = "base_kernel"
+BASE_KERNEL = base_storage.BASE_KERNEL
 PERM_IN_INV = "perm_in_inv"
 PERM_OUT = "perm_out"
 NEUMANN_TERMS = "neumann_terms"
@@ -87,14 +89,13 @@ def _check_supported(module: nn.Module) -> None:
 
 
 def _normalized_base_kernel(module: nn.Module, d_in: int, d_out: int, config: POETConfig, perms):
-  """`K0` from the layer's own initializer, columns scaled to unit L2 norm, then permuted."""
+  """`K0` from the layer's own initializer, columns scaled to unit L2 norm, then permuted (float32)."""
   boxed = module.kernel_init(module.make_rng("params"), (d_in, d_out), module.param_dtype)
   k0_IxO = (boxed.unbox() if isinstance(boxed, meta.AxisMetadata) else boxed).astype(jnp.float32)
   if config.init_scale is not None:
     k0_IxO = config.init_scale * k0_IxO / jnp.maximum(jnp.linalg.norm(k0_IxO, axis=0, keepdims=True), 1e-12)
   perm_in_inv, perm_out = perms
-  k_s = ops.permuted_base_kernel(k0_IxO, perm_in_inv, perm_out).astype(module.param_dtype)
-  return boxed, k_s
+  return boxed, ops.permuted_base_kernel(k0_IxO, perm_in_inv, perm_out)
 
 
 def _initial_permutations(module: nn.Module, config: POETConfig, path: str, d_in: int, d_out: int):
@@ -145,12 +146,34 @@ def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, ne
       drawn.append(_initial_permutations(module, config, path, d_in, d_out))
     return drawn[0]
 
-  def init_base_kernel():
-    boxed, k_s = _normalized_base_kernel(module, d_in, d_out, config, init_perms())
-    k_s = k_s.reshape(kernel_shape)
-    return meta.replace_boxed(boxed, k_s) if isinstance(boxed, meta.AxisMetadata) else k_s
+  base_dtype = config.base_dtype or jnp.dtype(module.param_dtype).name
+  quantized = base_dtype == "int8"
+  if quantized:
+    quantization.check_group_size(d_in, config.quant_group_size, path)
+  if not module.is_initializing() and module.has_variable(POET_COLLECTION, base_storage.BASE_SCALE) != quantized:
+    kind = "int8 (XQ)" if quantized else "float"
+    raise ValueError(
+        f"layer {path!r}: POETConfig.base_dtype={config.base_dtype!r} asks for {kind} base kernels, but the"
+        " variables hold the other kind: wrap with the base_dtype the variables were made with."
+    )
+  names = (base_storage.BASE_KERNEL,)
+  if quantized:
+    names += (base_storage.BASE_SCALE, base_storage.BASE_OFFSET)
+    names += (base_storage.BASE_RESIDUAL,) if config.quant_error_feedback else ()
+  made = []  # the stored arrays, computed once for all of them (only called during init)
 
-  base_kernel = module.variable(POET_COLLECTION, BASE_KERNEL, init_base_kernel).value
+  def init_stored(name):
+    if not made:
+      boxed, k_s = _normalized_base_kernel(module, d_in, d_out, config, init_perms())
+      arrays = base_storage.initial(k_s, kernel_shape, base_dtype, config.quant_group_size, config.quant_error_feedback)
+      made.append((boxed, arrays))
+    boxed, arrays = made[0]
+    value = arrays[name]
+    if name == base_storage.BASE_KERNEL and isinstance(boxed, meta.AxisMetadata):
+      return meta.replace_boxed(boxed, value)
+    return value
+
+  stored = {name: module.variable(POET_COLLECTION, name, init_stored, name).value for name in names}
   perm_in_inv = module.variable(POET_COLLECTION, PERM_IN_INV, lambda: init_perms()[0]).value
   perm_out = module.variable(POET_COLLECTION, PERM_OUT, lambda: init_perms()[1]).value
   module.variable(
@@ -166,7 +189,9 @@ def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, ne
   # forward and again in the backward: a cast made here would be a new array that the
   # backward saves, which `nn.scan` stacks per layer (a copy in and out of every kernel,
   # every step); the stored kernel itself is saved by reference.
-  inputs, _, bias = nn.dtypes.promote_dtype(inputs, base_kernel, bias, dtype=module.dtype)
+  # XQ's codes take part as their float32 scale does.
+  like_kernel = stored[base_storage.BASE_SCALE] if quantized else stored[base_storage.BASE_KERNEL]
+  inputs, _, bias = nn.dtypes.promote_dtype(inputs, like_kernel, bias, dtype=module.dtype)
   lead_axes = tuple(a for a in range(inputs.ndim) if a not in axis)
   x_NI = jnp.transpose(inputs, lead_axes + axis) if axis != tuple(range(inputs.ndim - len(axis), inputs.ndim)) else inputs
   lead_shape = tuple(inputs.shape[a] for a in lead_axes)
@@ -179,7 +204,7 @@ def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, ne
         " train.cayley_once=False."
     )
   x_NI = x_NI.reshape(lead_shape + (d_in,))
-  k_IxO = base_kernel.reshape(d_in, d_out)
+  k_IxO = base_storage.layer_kernel(stored, d_in, d_out)
   common = dict(
       block_size=block, variant=config.variant, implementation=config.implementation,
       interpret=config.pallas_interpret, precision=module.precision, batch_axes=config.batch_axes,

@@ -11,9 +11,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.layout import Layout, with_layout_constraint
 
-from poetx_jax import cayley, layers, ops, optim, permutation, skew, tree_paths
+from poetx_jax import base_storage, cayley, layers, ops, optim, permutation, skew, tree_paths
 from poetx_jax.config import POETConfig
 
 Variables = dict[str, Any]
@@ -33,22 +32,20 @@ def _layer_blocks(q_layer, neumann_terms, dynamic: bool):
 
 
 def _layer_arrays(state, q_layer):
-  """The layer's arrays, base kernel flattened to `(..., d_in, d_out)`, and its layer count (None: unstacked).
-
-  Layers built under `nn.scan` hold their state stacked on a leading axis.
-  """
+  """`(q, stored base arrays, perm_in_inv, perm_out, layer count or None)` of one layer (or an
+  `nn.scan` stack of them, whose state has a leading layer axis), unboxed."""
   perm_in_inv = tree_paths.unboxed(state[layers.PERM_IN_INV])
   perm_out = tree_paths.unboxed(state[layers.PERM_OUT])
   stacked = perm_in_inv.shape[0] if perm_in_inv.ndim == 2 else None
-  lead = (stacked,) if stacked else ()
-  k_s = tree_paths.unboxed(state[layers.BASE_KERNEL]).reshape(lead + (perm_in_inv.shape[-1], perm_out.shape[-1]))
+  arrays = {name: tree_paths.unboxed(value) for name, value in base_storage.stored(state).items()}
   q = tuple(tree_paths.unboxed(q_layer[name]) for name in layers.ORTHOGONAL_PARAMS)
-  return q, k_s, perm_in_inv, perm_out, stacked
+  return q, arrays, perm_in_inv, perm_out, stacked
 
 
 def _per_layer(fn, stacked, *args):
-  """`fn(*args)` for one layer, or mapped over the leading layer axis of stacked state."""
-  return jax.vmap(fn)(*args) if stacked else fn(*args)
+  """`fn(*args)` for one layer, or mapped over the leading layer axis of stacked state one
+  layer at a time (`lax.map`: one layer's float32 temporaries alive at once, not all)."""
+  return jax.lax.map(lambda a: fn(*a), args) if stacked else fn(*args)
 
 
 def merge(variables: Variables, opt_state: Any, config: POETConfig, merge_index: jax.Array | int) -> tuple[Variables, Any]:
@@ -85,42 +82,55 @@ def _zeroed_orthogonal(params, poet, where=None):
   return params
 
 
-def _merged_poet(params, poet, config: POETConfig, merge_index):
-  """The `poet` collection after a merge: every layer's new `K_s` and permutations."""
+def _merged_poet(params, poet, config: POETConfig, merge_index, merging=None):
+  """The `poet` collection after a merge: every layer's new `K_s` and permutations.
+
+  `merging`: a traced bool (merge only where true) or None (merge). Each layer (or
+  stack) merges in a loop whose trip count is its layer count, or 0 where `merging`
+  is false: the loop updates the arrays it carries in place, so a donated state is
+  merged with one layer's float32 temporaries alive at a time and no second copy of
+  any base kernel (a `lax.cond` around the merge copied every kernel, and a `vmap`
+  over a stack held every layer's float32 kernel at once).
+  """
   for path, state in tree_paths.poet_layers(poet):
     q_layer = tree_paths.get_path(params, path)
-    (q_in, q_out), k_s, perm_in_inv, perm_out, stacked = _layer_arrays(state, q_layer)
-    key = permutation.layer_key(config.seed, merge_index, "/".join(path))
-    if stacked:  # one key per layer of the stack
-      key = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(stacked))
-
-    def merge_one(q_in, q_out, k_s, perm_in_inv, perm_out, key):
-      g_in, g_out = _layer_blocks({layers.Q_IN: q_in, layers.Q_OUT: q_out}, config.neumann_terms, dynamic=False)
-      k_true_IxO = ops.effective_kernel(k_s, g_in, g_out, perm_in_inv, perm_out)
-      new_perm_in_inv, new_perm_out = permutation.draw_permutations(key, *k_true_IxO.shape)
-      return ops.permuted_base_kernel(k_true_IxO, new_perm_in_inv, new_perm_out), new_perm_in_inv, new_perm_out
-
-    new_k, new_perm_in_inv, new_perm_out = _per_layer(merge_one, stacked, q_in, q_out, k_s, perm_in_inv, perm_out, key)
-    old_kernel = state[layers.BASE_KERNEL]
-    old_k = tree_paths.unboxed(old_kernel)
-    new_state = dict(state)
-    new_k = _row_major(new_k.astype(old_k.dtype).reshape(old_k.shape))
-    new_state[layers.BASE_KERNEL] = tree_paths.reboxed(old_kernel, new_k)
-    new_state[layers.PERM_IN_INV] = tree_paths.reboxed(state[layers.PERM_IN_INV], new_perm_in_inv)
-    new_state[layers.PERM_OUT] = tree_paths.reboxed(state[layers.PERM_OUT], new_perm_out)
-    poet = tree_paths.with_path(poet, path, new_state)
+    new = _merged_layer(state, q_layer, config, merge_index, "/".join(path), merging)
+    poet = tree_paths.with_path(poet, path, {
+        **state, **{name: tree_paths.reboxed(state[name], value) for name, value in new.items()}})
   return poet
 
 
-def _row_major(x: jax.Array) -> jax.Array:
-  """`x` laid out row-major, as the state enters the step.
+def _merged_layer(state, q_layer, config: POETConfig, merge_index, path: str, merging):
+  """New stored base arrays and permutations of one wrapped layer or stack (`_merged_poet`)."""
+  (q_in, q_out), arrays, perm_in_inv, perm_out, stacked = _layer_arrays(state, q_layer)
+  d_in, d_out = perm_in_inv.shape[-1], perm_out.shape[-1]
+  key = permutation.layer_key(config.seed, merge_index, path)
+  count = stacked or 1
+  if merging is not None:
+    count = jnp.where(merging, count, 0)
 
-  XLA lays out a conditional's result as its largest branch computes it. The merge's
-  rotations and gathers leave `K_s` column-major, so without this every step that
-  does not merge transposed each base kernel to that layout and back (measured on
-  the H100, llama1b: 7 ms of a 99 ms step, `benchmarks/results/raw/run30_*`).
-  """
-  return with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
+  def take(x, i):
+    return jax.lax.dynamic_index_in_dim(x, i, keepdims=False) if stacked else x
+
+  def put(x, value, i):
+    value = value.astype(x.dtype)
+    return jax.lax.dynamic_update_index_in_dim(x, value, i, 0) if stacked else value
+
+  def merge_one(i, carry):
+    arrays, perm_in_inv, perm_out = carry
+    layer = {name: take(value, i) for name, value in arrays.items()}
+    g_in, g_out = _layer_blocks({layers.Q_IN: take(q_in, i), layers.Q_OUT: take(q_out, i)}, config.neumann_terms,
+                                dynamic=False)
+    k_true_IxO = ops.effective_kernel(base_storage.to_float32(layer, d_in, d_out), g_in, g_out, take(perm_in_inv, i),
+                                      take(perm_out, i))
+    new_perm_in_inv, new_perm_out = permutation.draw_permutations(jax.random.fold_in(key, i) if stacked else key,
+                                                                  d_in, d_out)
+    new_layer = base_storage.from_float32(ops.permuted_base_kernel(k_true_IxO, new_perm_in_inv, new_perm_out), layer)
+    return ({name: put(value, new_layer[name], i) for name, value in arrays.items()},
+            put(perm_in_inv, new_perm_in_inv, i), put(perm_out, new_perm_out, i))
+
+  arrays, perm_in_inv, perm_out = jax.lax.fori_loop(0, count, merge_one, (arrays, perm_in_inv, perm_out))
+  return {**arrays, layers.PERM_IN_INV: perm_in_inv, layers.PERM_OUT: perm_out}
 
 
 def should_merge(step: jax.Array | int, config: POETConfig) -> jax.Array:
@@ -138,13 +148,10 @@ def merge_if_needed(step: jax.Array | int, variables: Variables, opt_state: Any,
   step = jnp.asarray(step)
   merging = should_merge(step, config)
   params, poet = variables["params"], variables[layers.POET_COLLECTION]
-  # Only the new base kernels and permutations need the cond. The orthogonal parameters
-  # and their moments are zeroed by a select instead: a cond's untaken branch copies
-  # every array it passes through (in the jitted llama1b step, each one of them, every
-  # step that does not merge), where the select fuses into the update that writes them.
-  poet = jax.lax.cond(
-      merging, lambda p, f: _merged_poet(p, f, config, step // config.merge_interval), lambda p, f: f, params, poet
-  )
+  # The base kernels and permutations change in loops that run no iteration unless
+  # merging (see `_merged_poet`). The orthogonal parameters and their moments are zeroed
+  # by a select, which fuses into the update that writes them.
+  poet = _merged_poet(params, poet, config, step // config.merge_interval, merging)
   variables = {**variables, "params": _zeroed_orthogonal(params, poet, merging), layers.POET_COLLECTION: poet}
   return variables, optim.reset_orthogonal_state(opt_state, merging)
 
@@ -154,22 +161,24 @@ def flat_effective_kernel(state, q_layer) -> jax.Array:
 
   Reads `k` from the layer's own `neumann_terms`.
   """
-  (q_in, q_out), k_s, perm_in_inv, perm_out, stacked = _layer_arrays(state, q_layer)
+  (q_in, q_out), arrays, perm_in_inv, perm_out, stacked = _layer_arrays(state, q_layer)
   terms = tree_paths.unboxed(state[layers.NEUMANN_TERMS])
+  d_in, d_out = perm_in_inv.shape[-1], perm_out.shape[-1]
 
-  def effective_one(q_in, q_out, k_s, perm_in_inv, perm_out, terms):
+  def effective_one(q_in, q_out, arrays, perm_in_inv, perm_out, terms):
     g_in, g_out = _layer_blocks({layers.Q_IN: q_in, layers.Q_OUT: q_out}, terms, dynamic=True)
-    return ops.effective_kernel(k_s, g_in, g_out, perm_in_inv, perm_out)
+    return ops.effective_kernel(base_storage.to_float32(arrays, d_in, d_out), g_in, g_out, perm_in_inv, perm_out)
 
-  return _per_layer(effective_one, stacked, q_in, q_out, k_s, perm_in_inv, perm_out, terms)
+  return _per_layer(effective_one, stacked, q_in, q_out, arrays, perm_in_inv, perm_out, terms)
 
 
 def effective_params(variables: Variables) -> dict[str, Any]:
   """Plain parameters of the *unwrapped* model: `kernel = K_eff` for every wrapped layer.
 
   Reads `k` from the variables (`neumann_terms`), so no config is needed. Kernels
-  are computed in float32 and stored in the base kernel's dtype (stacked, for layers
-  built under `nn.scan`, as the unwrapped scanned model expects).
+  are computed in float32 and stored in the base kernel's dtype, float32 for XQ's
+  int8 codes (stacked, for layers built under `nn.scan`, as the unwrapped scanned
+  model expects).
 
   Returns:
     A `params` tree for `model.apply({"params": ...}, ...)`.
@@ -179,8 +188,9 @@ def effective_params(variables: Variables) -> dict[str, Any]:
     q_layer = tree_paths.get_path(params, path)
     base_kernel = state[layers.BASE_KERNEL]
     old_k = tree_paths.unboxed(base_kernel)
+    dtype = jnp.float32 if base_storage.is_quantized(state) else old_k.dtype
     kernel = flat_effective_kernel(state, q_layer)
     dense = {k: v for k, v in q_layer.items() if k not in layers.ORTHOGONAL_PARAMS}
-    dense["kernel"] = tree_paths.reboxed(base_kernel, kernel.astype(old_k.dtype).reshape(old_k.shape))
+    dense["kernel"] = tree_paths.reboxed(base_kernel, kernel.astype(dtype).reshape(old_k.shape))
     params = tree_paths.with_path(params, path, dense)
   return params

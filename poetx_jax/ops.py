@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from poetx_jax import backends, cayley, permutation, rotation
+from poetx_jax import backends, base_storage, cayley, permutation, rotation
 
 VARIANTS = ("fast", "mem")
 
@@ -56,7 +56,7 @@ def _hidden_t(backend, x_IxN, k_IxO, g_RxBxB, perm_in_inv, precision):
   `G_in` is the first `I / B` blocks of `g_RxBxB`.
   """
   xr_IxN = backend.gather_rotate(x_IxN, perm_in_inv, g_RxBxB)
-  return jnp.matmul(k_IxO.astype(x_IxN.dtype).T, xr_IxN, precision=precision)
+  return jnp.matmul(base_storage.dense(k_IxO, x_IxN.dtype).T, xr_IxN, precision=precision)
 
 
 # Both sides' blocks live in one array, `G = [G_in; G_out]` (`(R_in + R_out, B, B)`):
@@ -186,7 +186,7 @@ def _rotations_bwd(backend, precision, block_size, x, h_OxN, k_IxO, g_RxBxB, per
   # dG_out[i] = Σ h_iᵀ g1_i with g1 = dy[..., perm_out_inv]; dh = g1 · BD(G_out)ᵀ (one pass: both read g1).
   dh_OxN, dg_RxBxB, copy = _rotate_outer_sum(backend, fresh, copy, dy_OxN, perm_out_inv, h_OxN, None, g_RxBxB, blocks_in)
   # The second large GEMM; K_s gets no gradient, so there is no third.
-  dxr_IxN = jnp.matmul(k_IxO.astype(dh_OxN.dtype), dh_OxN, precision=precision)
+  dxr_IxN = jnp.matmul(base_storage.dense(k_IxO, dh_OxN.dtype), dh_OxN, precision=precision)
   # dG_in[j] = Σ xp_jᵀ dxr_j with xp = x[..., perm_in_inv]; dx = (dxr · BD(G_in)ᵀ)[..., perm_in].
   dx_IxN, dg_RxBxB, copy = _rotate_outer_sum(
       backend, dg_RxBxB, copy, dxr_IxN, None, x_IxN, perm_in_inv, g_RxBxB, 0, perm_in, perm_in_inv
@@ -331,7 +331,8 @@ def poet_linear(
 
   Args:
     x_NI: `(..., I)` inputs; the computation runs in their dtype.
-    base_kernel_IxO: `(I, O)` frozen `K_s`, stored permuted (cast to `x`'s dtype).
+    base_kernel_IxO: `(I, O)` frozen `K_s`, stored permuted (cast to `x`'s dtype where
+      the GEMMs read it), or a `base_storage.QuantizedKernel` (XQ: dequantized there).
     q_in_RxE: `(I/B, E)` packed generators of the input-side blocks.
     q_out_RxE: `(O/B, E)` packed generators of the output-side blocks.
     perm_in_inv_I: `(I,)` int32, the input gather.
@@ -493,7 +494,7 @@ def poet_linear_reference(
   g_in = cayley.cayley_neumann_reference(q_in_RxE, block_size, neumann_terms)
   g_out = cayley.cayley_neumann_reference(q_out_RxE, block_size, neumann_terms)
   xr = rotation.rotate_blocks(jnp.take(x_NI, perm_in_inv_I, axis=-1), g_in)
-  h = xr @ base_kernel_IxO.astype(x_NI.dtype)
+  h = xr @ base_storage.dense(base_kernel_IxO, x_NI.dtype)
   return jnp.take(rotation.rotate_blocks(h, g_out), perm_out_O, axis=-1)
 
 
@@ -504,7 +505,7 @@ def effective_kernel(
 
   `K_eff[r, c] = M[perm_in[r], perm_out[c]]` with `M = BD(G_in)·K_s·BD(G_out)`.
   """
-  m_IxO = rotation.rotate_matrix_rows(base_kernel_IxO.astype(jnp.float32), g_in.astype(jnp.float32))
+  m_IxO = rotation.rotate_matrix_rows(base_storage.dense(base_kernel_IxO, jnp.float32), g_in.astype(jnp.float32))
   m_IxO = rotation.rotate_matrix_cols(m_IxO, g_out.astype(jnp.float32))
   return m_IxO[permutation.invert(perm_in_inv_I)][:, perm_out_O]
 

@@ -88,6 +88,7 @@ def optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
+    mu_dtype=None,
 ) -> optax.GradientTransformation:
   """POETAdamW: the optax transformation POET-X trains with (SPEC §8).
 
@@ -98,13 +99,15 @@ def optimizer(
     weight_decay: decoupled decay of the `matrix` group only.
     clip_norm: global-norm clip over all gradients; None disables clipping.
     b1, b2, eps: Adam's constants (eps is added to `sqrt(v_hat)`).
+    mu_dtype: storage dtype of Adam's first moment (None: each parameter's own
+      dtype, as the second moment always is).
 
   Returns:
     An `optax.GradientTransformation`; give it `variables["params"]` only.
   """
 
   def adamw(rate, decay):
-    return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay)
+    return optax.adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=decay, mu_dtype=mu_dtype)
 
   groups = optax.multi_transform(
       {

@@ -1,10 +1,13 @@
-"""The three optimizers a run can choose, on the same model and data (a fair comparison).
+"""The optimizers a run can choose, on the same model and data (a fair comparison).
 
 * `poetx`: the model's dense layers wrapped by POET-X, trained by `poetx_jax.optimizer`;
 * `adamw`: plain optax AdamW on the unwrapped model (decay on matrices only);
-* `muon`: `optax.contrib.muon` on the hidden matrices, Adam on the rest.
+* `muon`: `optax.contrib.muon` on the hidden matrices, Adam on the rest;
+* `galore`: `optax.contrib.galore` (Adam in a low-rank projection of each hidden
+  matrix's gradient, plain Adam elsewhere), the memory baseline of the POET-X paper.
 
-All share the warmup-cosine schedule and one global-norm clip.
+All share the warmup-cosine schedule and one global-norm clip, and store Adam's
+first moment in `optimizer.mu_dtype` where set.
 """
 
 from __future__ import annotations
@@ -41,6 +44,27 @@ def _muon_dimensions(params):
   return jax.tree_util.tree_map_with_path(dims, params)
 
 
+def _galore_dimensions(params):
+  """GaLore projects the blocks' `(d_in, d_out)` kernels; embeddings, the head and vectors get plain Adam.
+
+  optax's GaLore projects 2-D matrices only: a kernel stacked by nn.scan (`(L, d_in,
+  d_out)`) would be projected as one matrix across layers, so it is refused.
+  """
+
+  def dims(path, leaf):
+    names = [str(getattr(p, "key", p)) for p in path]
+    if names[-1] != "kernel" or "embed" in names or "lm_head" in names:
+      return None
+    if leaf.ndim != 2:
+      raise ValueError(
+          f"optimizer.name='galore' projects 2-D kernels, but {'/'.join(names)} has shape {leaf.shape}"
+          " (layers stacked by nn.scan): set model.scan_layers=False."
+      )
+    return optax.contrib.GaLoreDimensionNumbers(reduction_axis=0, output_axis=1)
+
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
 def make_optimizer(config: OptimizerConfig, poet: POETConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The run's optax transformation and its base learning-rate schedule (for logging)."""
   lr = _schedule(config.lr, config, total_steps)
@@ -55,10 +79,12 @@ def make_optimizer(config: OptimizerConfig, poet: POETConfig, total_steps: int) 
         b1=config.b1,
         b2=config.b2,
         eps=config.eps,
+        mu_dtype=config.mu_dtype,
     )
     return tx, lr
   if config.name == "adamw":
-    inner = optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=_is_matrix_mask)
+    inner = optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay,
+                        mask=_is_matrix_mask, mu_dtype=config.mu_dtype)
   elif config.name == "muon":
     inner = optax.contrib.muon(
         lr,
@@ -67,6 +93,17 @@ def make_optimizer(config: OptimizerConfig, poet: POETConfig, total_steps: int) 
         adam_b2=config.b2,
         adam_weight_decay=config.weight_decay,
         muon_weight_dimension_numbers=_muon_dimensions,
+        mu_dtype=config.mu_dtype,
+    )
+  elif config.name == "galore":
+    inner = optax.contrib.galore(
+        lr,
+        rank=config.galore_rank,
+        update_proj_gap=config.galore_update_proj_gap,
+        base_optimizer=optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps, mu_dtype=config.mu_dtype),
+        weight_decay=config.weight_decay,
+        mask=_is_matrix_mask,
+        weight_dimension_numbers=_galore_dimensions,
     )
   else:  # OptimizerConfig validates the name; this guards a new name without a recipe.
     raise ValueError(f"no recipe for optimizer {config.name!r}.")

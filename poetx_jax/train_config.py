@@ -13,7 +13,7 @@ from poetx_jax.config import POETConfig
 from poetx_jax.data import DataConfig
 from poetx_jax.models.llama import SIZES, LlamaConfig
 
-OPTIMIZERS = ("poetx", "adamw", "muon")
+OPTIMIZERS = ("poetx", "adamw", "muon", "galore")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +30,13 @@ class OptimizerConfig:
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-6
+  mu_dtype: str | None = None
+  galore_rank: int = 128
+  galore_update_proj_gap: int = 200
 
   def __post_init__(self):
+    if self.mu_dtype is not None and self.mu_dtype not in ("bfloat16", "float32"):
+      raise ValueError(f"optimizer.mu_dtype must be None (the parameters' dtype), 'bfloat16' or 'float32', got {self.mu_dtype!r}.")
     if self.name not in OPTIMIZERS:
       raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {self.name!r}.")
     for field in ("lr", "poet_lr"):
