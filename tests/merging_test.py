@@ -80,3 +80,31 @@ def test_merging_a_mismatched_params_tree_names_the_path():
   del params["mlp"]
   with pytest.raises(KeyError, match="'mlp'"):
     poetx_jax.merge({**variables, "params": params}, None, config, 1)
+
+
+@pytest.mark.parametrize("base_dtype", ["float32", "int8"])
+def test_merging_in_the_train_step_costs_one_layers_temporaries_not_a_copy_of_the_kernels(base_dtype, monkeypatch):
+  """The step's compiled memory with merges exceeds the one without by about one layer's float32
+  temporaries: the merge loops update the donated base kernels in place. A `lax.cond` around the
+  merge (a second copy of every kernel) or a `vmap` over the stack (every layer's float32 kernel
+  at once) needs several times the bound."""
+  from poetx_jax import merging, train_config, trainer
+
+  raw = __import__("configs.tiny", fromlist=["get_config"]).get_config()
+  raw.model.update(scan_layers=True, layers=8, hidden=256, ffn=512, remat="full")
+  raw.poet.update(block_size=32, base_dtype=base_dtype, quant_group_size=128)
+  raw.train.global_batch_size = 2
+  config = train_config.from_config_dict(raw, vocab_size=512)
+
+  def need(merges: bool) -> int:
+    with monkeypatch.context() as patch:
+      if not merges:
+        patch.setattr(merging, "merge_if_needed", lambda step, variables, opt_state, poet: (variables, opt_state))
+      run = trainer.build(config, devices=jax.devices()[:1])
+      state = jax.eval_shape(run.init_fn)
+      batch = {k: jax.ShapeDtypeStruct((2, config.data.seq_len), jnp.int32) for k in ("inputs", "targets", "weights")}
+      return trainer.memory_need_bytes(run.train_step.lower(state, batch).compile().memory_analysis())
+
+  largest_layer_f32 = 256 * 512 * 4
+  extra = need(True) - need(False)
+  assert extra <= 4 * largest_layer_f32, (extra, largest_layer_f32)
