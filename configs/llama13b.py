@@ -1,8 +1,8 @@
 """LLaMA-13b (5120/13824/40 heads/40 layers), POET-X, bf16 base kernels, full remat.
 
 Command: python train.py --config configs/llama13b.py --workdir runs/llama13b
-Device:  several H100/H200 with --config.mesh.fsdp=N; the POET-X paper fits 8B (seq 1024,
-         batch 1) in 27.9 GB and 13B (seq 2048) in 47.2 GB on one H100 with its mem variant (here: remat
+Device:  several H100/H200 with --config.mesh.fsdp=N (one GPU: configs/llama8b_1gpu.py, llama13b_1gpu.py).
+         The POET-X paper fits 8B (seq 1024, batch 1) in 27.9 GB and 13B (seq 2048) in 47.2 GB on one H100 with its mem variant (here: remat
          instead, which also drops h).
 """
 

@@ -1,8 +1,8 @@
 """LLaMA-8b (4096/14336/32 heads/32 layers), POET-X, bf16 base kernels, full remat.
 
 Command: python train.py --config configs/llama8b.py --workdir runs/llama8b
-Device:  several H100/H200 with --config.mesh.fsdp=N; the POET-X paper fits 8B (seq 1024,
-         batch 1) in 27.9 GB and 13B (seq 2048) in 47.2 GB on one H100 with its mem variant (here: remat
+Device:  several H100/H200 with --config.mesh.fsdp=N (one GPU: configs/llama8b_1gpu.py, llama13b_1gpu.py).
+         The POET-X paper fits 8B (seq 1024, batch 1) in 27.9 GB and 13B (seq 2048) in 47.2 GB on one H100 with its mem variant (here: remat
          instead, which also drops h).
 """
 
