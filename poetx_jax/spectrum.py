@@ -29,8 +29,16 @@ def orthogonality_errors(variables: Mapping[str, Any], norm: str = "spectral") -
   for path, state in _layers(variables):
     q_layer = tree_paths.get_path(variables["params"], path)
     k = tree_paths.unboxed(state[layers.NEUMANN_TERMS]).reshape(-1)[0]  # one k per layer stack
-    g_in, g_out = merging._layer_blocks(q_layer, k, dynamic=True)  # pylint: disable=protected-access
-    out["/".join(path)] = jnp.maximum(cayley.orthogonality_error(g_in, norm), cayley.orthogonality_error(g_out, norm))
+    q_in, q_out = (tree_paths.unboxed(q_layer[name]) for name in layers.ORTHOGONAL_PARAMS)
+
+    def error(q_in, q_out):
+      g_in, g_out = merging._layer_blocks({layers.Q_IN: q_in, layers.Q_OUT: q_out}, k, dynamic=True)  # pylint: disable=protected-access
+      return jnp.maximum(cayley.orthogonality_error(g_in, norm), cayley.orthogonality_error(g_out, norm))
+
+    if q_in.ndim == 3:  # an nn.scan stack: one layer's blocks at a time, not every layer's at once
+      out["/".join(path)] = jnp.max(jax.lax.map(lambda qs: error(*qs), (q_in, q_out)))
+    else:
+      out["/".join(path)] = error(q_in, q_out)
   return out
 
 
