@@ -162,3 +162,41 @@ def test_every_collection_and_moment_has_the_dtype_its_setting_asks_for():
   nus = {jax.tree_util.keystr(p): x.dtype for s in adam for p, x in jax.tree_util.tree_leaves_with_path(s.nu)}
   assert all(v == jnp.float32 for k, v in nus.items() if "q_in" in k or "q_out" in k)  # nu: the parameter's dtype
   assert any(v == jnp.bfloat16 for k, v in nus.items() if "embedding" in k)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("variant", ["fast", "mem"])
+def test_a_quantized_kernel_gives_the_layer_and_its_gradients_of_the_dequantized_kernel(implementation, variant):
+  """`poet_linear` (and `poet_linear_with_blocks`) on codes equal the same layer on the dequantized float
+  kernel, forward and VJP: the custom VJPs save the codes and dequantize where each GEMM reads them."""
+  from poetx_jax import ops, skew
+
+  rng = np.random.default_rng(7)
+  d_in, d_out, block, group = 32, 48, 16, 8
+  codes, scale, offset = quantization.quantize(jnp.asarray(rng.standard_normal((d_in, d_out)), jnp.float32), group)
+  quantized = base_storage.QuantizedKernel(codes, scale, offset)
+  dense_kernel = quantization.dequantize(codes, scale, offset)
+  e = skew.packed_size(block)
+  q_in = jnp.asarray(0.1 * rng.standard_normal((d_in // block, e)), jnp.float32)
+  q_out = jnp.asarray(0.1 * rng.standard_normal((d_out // block, e)), jnp.float32)
+  perms = (jnp.asarray(rng.permutation(d_in), jnp.int32), jnp.asarray(rng.permutation(d_out), jnp.int32))
+  x = jnp.asarray(rng.standard_normal((2, 5, d_in)), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((2, 5, d_out)), jnp.float32)
+  common = dict(block_size=block, variant=variant, implementation=implementation, interpret=True,
+                precision=jax.lax.Precision.HIGHEST)
+
+  def layer(kernel):
+    return lambda x, q_in, q_out: ops.poet_linear(x, kernel, q_in, q_out, *perms, **common)
+
+  def blocks_layer(kernel):
+    def fn(x, q_in, q_out):
+      g = ops.cayley_blocks(q_in, q_out, block_size=block, implementation=implementation, interpret=True)
+      return ops.poet_linear_with_blocks(x, kernel, g, *perms, **common)
+    return fn
+
+  for make in (layer, blocks_layer):
+    y, vjp = jax.vjp(make(quantized), x, q_in, q_out)
+    y_ref, vjp_ref = jax.vjp(make(dense_kernel), x, q_in, q_out)
+    assert relative_error(y, y_ref) < 1e-5
+    for got, want in zip(vjp(dy), vjp_ref(dy)):
+      assert relative_error(got, want) < 1e-5
