@@ -63,13 +63,17 @@ def merge(variables: Variables, opt_state: Any, config: POETConfig, merge_index:
     parameters, and their Adam moments and step count reset. Every other
     parameter, optimizer state and the learning-rate schedules go on.
   """
-  params, poet = variables["params"], variables[layers.POET_COLLECTION]
-  variables = {
-      **variables,
-      "params": _zeroed_orthogonal(params, poet),
-      layers.POET_COLLECTION: _merged_poet(params, poet, config, merge_index),
-  }
+  params, poet = variables["params"], _poet(variables)
+  variables = {**variables, "params": _zeroed_orthogonal(params, poet)}
+  if poet:
+    variables[layers.POET_COLLECTION] = _merged_poet(params, poet, config, merge_index)
   return variables, optim.reset_orthogonal_state(opt_state)
+
+
+def _poet(variables: Variables):
+  """The `poet` collection, `{}` for a model with no wrapped layer (every targeted layer
+  opted out by `skip_indivisible`, say): merging and exporting it change nothing."""
+  return variables.get(layers.POET_COLLECTION, {})
 
 
 def _zeroed_orthogonal(params, poet, where=None):
@@ -140,19 +144,20 @@ def should_merge(step: jax.Array | int, config: POETConfig) -> jax.Array:
 
 
 def merge_if_needed(step: jax.Array | int, variables: Variables, opt_state: Any, config: POETConfig) -> tuple[Variables, Any]:
-  """Merges when `step > 0 and step % merge_interval == 0`, through `jax.lax.cond`.
+  """Merges when `step > 0 and step % merge_interval == 0`, jit-safe (no `lax.cond`: see `_merged_poet`).
 
   Call it in the jitted train step after the optimizer update, with `step` the
   number of updates applied so far. The merge index is `step // merge_interval`.
   """
   step = jnp.asarray(step)
   merging = should_merge(step, config)
-  params, poet = variables["params"], variables[layers.POET_COLLECTION]
+  params, poet = variables["params"], _poet(variables)
   # The base kernels and permutations change in loops that run no iteration unless
   # merging (see `_merged_poet`). The orthogonal parameters and their moments are zeroed
   # by a select, which fuses into the update that writes them.
-  poet = _merged_poet(params, poet, config, step // config.merge_interval, merging)
-  variables = {**variables, "params": _zeroed_orthogonal(params, poet, merging), layers.POET_COLLECTION: poet}
+  variables = {**variables, "params": _zeroed_orthogonal(params, poet, merging)}
+  if poet:
+    variables[layers.POET_COLLECTION] = _merged_poet(params, poet, config, step // config.merge_interval, merging)
   return variables, optim.reset_orthogonal_state(opt_state, merging)
 
 
@@ -181,9 +186,10 @@ def effective_params(variables: Variables) -> dict[str, Any]:
   model expects).
 
   Returns:
-    A `params` tree for `model.apply({"params": ...}, ...)`.
+    A `params` tree for `model.apply({"params": ...}, ...)` (`params` itself when
+    no layer is wrapped).
   """
-  params, poet = variables["params"], variables[layers.POET_COLLECTION]
+  params, poet = variables["params"], _poet(variables)
   for path, state in tree_paths.poet_layers(poet):
     q_layer = tree_paths.get_path(params, path)
     base_kernel = state[layers.BASE_KERNEL]

@@ -17,7 +17,7 @@ from poetx_jax import cayley, layers, merging, tree_paths
 
 
 def _layers(variables):
-  return tree_paths.poet_layers(variables[layers.POET_COLLECTION])
+  return tree_paths.poet_layers(variables.get(layers.POET_COLLECTION, {}))
 
 
 def orthogonality_errors(variables: Mapping[str, Any], norm: str = "spectral") -> dict[str, jax.Array]:

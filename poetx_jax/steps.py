@@ -98,7 +98,7 @@ def make_gradients(
     return loss_sum, tokens, grads
 
   def gradients(params, frozen, batch):
-    if not cayley_once:
+    if not cayley_once or not frozen.get(layers.POET_COLLECTION):  # no wrapped layer: no blocks to pass
       loss_sum, tokens, (grads, _) = summed_gradients(params, {}, frozen, batch)
     else:
       poet_state = frozen[layers.POET_COLLECTION]

@@ -71,6 +71,12 @@ class RunConfig:
     self.profile_range()  # raises on a malformed range
     if not isinstance(self.cayley_once, bool):
       raise ValueError(f"train.cayley_once must be True or False, got {self.cayley_once!r}.")
+    for field, least in (("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1), ("eval_batches", 1),
+                         ("eval_every", 0), ("eval_batch_size", 0), ("spectrum_every", 0)):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value < least:
+        meaning = " (0: off)" if field in ("eval_every", "spectrum_every") else ""
+        raise ValueError(f"train.{field} must be an int >= {least}{meaning}, got {value!r}.")
     if self.grad_accum_steps < 1 or self.global_batch_size % self.grad_accum_steps:
       raise ValueError(
           f"train.global_batch_size={self.global_batch_size} must be divisible by"

@@ -336,3 +336,21 @@ def test_step_clock_times_windows_of_regular_reads():
     now[0] += 3.0
     clock.mark(step)
   assert clock.window_seconds() == pytest.approx(3.0)
+
+
+def test_a_model_with_no_poet_layer_trains_merges_and_exports(cache_dir, tmp_path):
+  """`poet.skip_indivisible` with a block size that divides no layer (the block-size error's own
+  remedy): no `poet` collection at all; the run trains through merges, logs the spectrum, and
+  `merge` / `effective_params` change nothing."""
+  config = _config(cache_dir, steps=6, poet__block_size=48, poet__skip_indivisible=True, poet__merge_interval=2,
+                   train__spectrum_every=2, train__checkpoint_every=6)
+  result = trainer.train(config, str(tmp_path))
+  assert np.isfinite(result["val_loss"])
+  run = trainer.build(config)
+  state = run.init_fn()
+  assert "poet" not in state.frozen
+  variables = {"params": state.params, **state.frozen}
+  merged, _ = poetx_jax.merge(variables, state.opt_state, config.poet, 1)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, merged, variables)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, poetx_jax.effective_params(variables), state.params)
+  assert _records(str(tmp_path), kind="spectrum")
