@@ -7,7 +7,6 @@
 Re-running a command resumes from the newest checkpoint in --workdir.
 """
 
-import json
 import logging
 import os
 import sys
@@ -44,12 +43,10 @@ def main(argv):
   train_config.check_vocab(config, tokenizer.vocab_size)
   workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(raw.to_dict(), f, indent=2, default=str)
   if config.mode == "eval":
     result = trainer.evaluate_checkpoint(config, workdir)
-  else:
-    result = trainer.train(config, workdir)
+  else:  # config.json is written once the run has restored or initialized with these settings
+    result = trainer.train(config, workdir, settings=raw.to_dict())
   print(f"validation loss {result['val_loss']:.4f}  perplexity {result['val_ppl']:.2f}  ({workdir})")
 
 

@@ -10,6 +10,8 @@ unreadable one is reported and the previous step is used.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any
 
 import grain
@@ -40,6 +42,33 @@ class Checkpointer:
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
+  def check_saves(self) -> None:
+    """Raises, naming the newest complete checkpoint, if an asynchronous save has failed."""
+    try:
+      self.manager.check_for_errors()
+    except Exception as err:  # pylint: disable=broad-except
+      newest = self.manager.latest_step()
+      kept = f"the newest complete checkpoint is step {newest}" if newest is not None else "no checkpoint is complete"
+      raise RuntimeError(f"saving a checkpoint in {self.directory} failed ({type(err).__name__}: {err}); {kept}."
+                         " Free disk space (or fix the directory) and re-run to resume.") from err
+
+  def newest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def _set_aside(self, step: int) -> str | None:
+    """Moves an unreadable step's directory to `unreadable_checkpoints/` beside the run's
+    checkpoints (nothing is deleted), so that training can write that step again."""
+    source = self.directory / str(step)
+    if jax.process_index() != 0 or not source.exists():
+      self.manager.reload()
+      return None
+    target_dir = self.directory.parent / "unreadable_checkpoints"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    source.rename(target)
+    self.manager.reload()
+    return str(target)
+
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
@@ -69,12 +98,16 @@ class Checkpointer:
         # Any failure to read one step (missing files, bad metadata, truncated
         # arrays) must not lose the run: report it and fall back to the previous.
         logger.error("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one.",
-                     step, self.directory, type(err).__name__, err)
+                     step, self.directory, type(err).__name__, str(err)[:500])
         failures.append(step)
         last_error = f"{type(err).__name__}: {str(err)[:500]}"
         continue
       if failures:
-        logger.warning("resumed from step %d; unreadable checkpoints: %s", step, failures)
+        # Set aside only once a previous step has restored: with no readable checkpoint at
+        # all the likelier cause is a settings mismatch, and the files stay where they are.
+        moved = [self._set_aside(bad) for bad in failures]
+        logger.warning("resumed from step %d; unreadable checkpoints %s moved to %s", step, failures,
+                       ", ".join(m for m in moved if m))
       return step, restored["state"]
     if steps:
       raise RuntimeError(

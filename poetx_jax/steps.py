@@ -173,6 +173,7 @@ def make_train_step(
     metrics = {
         "loss": loss_sum / denominator,
         "grad_norm": optax.tree.norm(grads),
+        "update_norm": optax.tree.norm(updates),  # the loop stops on a non-finite one before saving
         "lr": schedule(state.step),
         "tokens": tokens,
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from poetx_jax import checkpointing, data, evaluate, metrics, recipes, sharding, steps
+from poetx_jax import checkpointing, data, evaluate, metrics, recipes, sharding, steps, workdir_lock
 from poetx_jax.models import llama
 from poetx_jax.train_config import TrainConfig
 from poetx_jax.wrapping import wrap
@@ -239,7 +240,25 @@ def restore_or_init(run: Run, checkpointer: checkpointing.Checkpointer, data_ite
   return step, state
 
 
-def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = None) -> dict[str, float] | None:
+def record_settings(workdir: str, settings: dict) -> None:
+  """Writes the run's settings to `workdir/config.json`, once the run has restored or started
+  with them; differing settings recorded before are kept as `config.previous.json`."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "config.json")
+  text = json.dumps(settings, indent=2, default=str)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if old == text:
+      return
+    os.replace(path, os.path.join(workdir, "config.previous.json"))
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = None,
+          settings: dict | None = None) -> dict[str, float] | None:
   """Trains (or resumes) in `workdir`; returns the final evaluation.
 
   Args:
@@ -248,16 +267,20 @@ def train(config: TrainConfig, workdir: str, *, stop_after_step: int | None = No
       from its newest readable checkpoint.
     stop_after_step: stop (after checkpointing) once this step is done, as a
       preemption would; re-running resumes. Returns None then.
+    settings: the run's settings as given (a dict), written to `config.json` once the
+      run has restored or initialized (`record_settings`).
+
+  Only one process trains in a workdir at a time (`workdir_lock.hold`).
 
   While it runs, Python's thread switch interval (process-wide) is
   `config.train.thread_switch_interval_s` (0.1 ms; 0 leaves it alone); it is
   restored afterwards.
   """
-  with _thread_switch_interval(config.train.thread_switch_interval_s):
-    return _train(config, workdir, stop_after_step)
+  with workdir_lock.hold(workdir), _thread_switch_interval(config.train.thread_switch_interval_s):
+    return _train(config, workdir, stop_after_step, settings)
 
 
-def _train(config: TrainConfig, workdir: str, stop_after_step: int | None) -> dict[str, float] | None:
+def _train(config: TrainConfig, workdir: str, stop_after_step: int | None, settings: dict | None) -> dict[str, float] | None:
   run = build(config)
   total = config.train.steps
   iterator = data.train_iterator(
@@ -270,6 +293,8 @@ def _train(config: TrainConfig, workdir: str, stop_after_step: int | None) -> di
       os.path.join(workdir, "checkpoints"), every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
   )
   start, state = restore_or_init(run, checkpointer, iterator)
+  if settings is not None:
+    record_settings(workdir, settings)
   if start == 0:
     metrics.set_aside_stale(workdir)
   tokens_per_step = config.train.global_batch_size * config.data.seq_len
@@ -295,10 +320,16 @@ def _train(config: TrainConfig, workdir: str, stop_after_step: int | None) -> di
       def read(pending, *, forced=False):  # forced: right after its own step's dispatch
         step_done, step_metrics = pending
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        if not math.isfinite(values["loss"]):
+        bad = {k: values[k] for k in ("loss", "grad_norm", "update_norm") if k in values and not math.isfinite(values[k])}
+        if bad:
+          # Read before any save of this step's state: every checkpoint written holds finite values.
+          newest = checkpointer.newest_step()
+          kept = (f"the newest checkpoint, step {newest} in {checkpointer.directory}, holds the finite state before it"
+                  if newest is not None else "no checkpoint was written")
+          log.write(step_done, values)  # the failing step's numbers, under the step the message names
           raise FloatingPointError(
-              f"loss is {values['loss']} at step {step_done - 1}: stopping; the last checkpoint in"
-              f" {checkpointer.directory} is intact (lower optimizer.lr / poet_lr or check the data)."
+              f"non-finite {', '.join(f'{k} {v}' for k, v in bad.items())} at step {step_done}: stopping; {kept}"
+              " (lower optimizer.lr / optimizer.poet_lr, or check the data)."
           )
         if not forced:
           clock.mark(step_done)
@@ -321,6 +352,7 @@ def _train(config: TrainConfig, workdir: str, stop_after_step: int | None) -> di
           batch = sharding.device_batch(next(iterator), run.batch_sharding)
         state, step_metrics = compiled(state, batch)  # dispatch step t ...
         batch = None
+        checkpointer.check_saves()  # an earlier asynchronous save that failed stops the run here
         if profiler.after(step, step_metrics):
           clock.restart()
         if pending is not None:

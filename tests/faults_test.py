@@ -1,0 +1,120 @@
+"""The training loop under faults: non-finite steps, unreadable checkpoints, a second process, failed saves.
+
+Each case ends in a workdir from which a rerun finishes (CPU, the trainer tests' small set-up).
+"""
+
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from trainer_test import _config, _records, cache_dir  # noqa: F401  (a module fixture)
+
+from poetx_jax import checkpointing, trainer, workdir_lock
+
+
+def _newest_state(config, workdir):
+  run = trainer.build(config)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=100)
+  try:
+    return trainer.restore_or_init(run, checkpointer, None)
+  finally:
+    checkpointer.close()
+
+
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_a_non_finite_step_stops_before_its_state_is_saved_and_a_rerun_recovers(cache_dir, tmp_path,  # noqa: F811
+                                                                                  monkeypatch, poison):
+  """A NaN in the 5th step (a poisoned batch; in the loss, or only in the gradient under a finite
+  loss): the run stops naming step 5 and the finite checkpoint of step 4, no checkpoint holds a
+  non-finite value, and a rerun resumes from step 4 and finishes."""
+  from poetx_jax import sharding, steps
+
+  workdir = str(tmp_path)
+  config = _config(cache_dir, steps=12, train__checkpoint_every=1)
+  sentinel = config.model.vocab_size - 1  # a padding id the tokenizer never produces
+  real_loss, real_batch, calls = steps.token_loss, sharding.device_batch, []
+
+  def poisoned_loss(model, params, frozen, batch):
+    loss_sum, tokens = real_loss(model, params, frozen, batch)
+    poisoned = jnp.any(batch["inputs"] == sentinel)
+    if poison == "loss":
+      return jnp.where(poisoned, jnp.nan, loss_sum), tokens
+    # sqrt at 0 (poisoned) or 1, of a term whose value does not depend on the parameters: the
+    # loss keeps its value, and only the poisoned step's gradient is 0·inf = NaN
+    gate = jnp.where(poisoned, 0.0, 1.0)
+    term = gate * (1.0 + 0.0 * sum(jnp.sum(p) for p in jax.tree_util.tree_leaves(params)))
+    return loss_sum + jnp.sqrt(term) - gate, tokens
+
+  def batches(batch, batch_sharding):
+    calls.append(1)
+    if len(calls) == 5:  # the 5th training batch
+      batch = {**batch, "inputs": np.full_like(batch["inputs"], sentinel)}
+    return real_batch(batch, batch_sharding)
+
+  monkeypatch.setattr(steps, "token_loss", poisoned_loss)
+  monkeypatch.setattr(sharding, "device_batch", batches)
+  names = "loss nan" if poison == "loss" else "grad_norm nan, update_norm nan"
+  with pytest.raises(FloatingPointError, match=rf"non-finite {names} at step 5: .* newest checkpoint, step 4 "):
+    trainer.train(config, workdir)
+  assert max(r["step"] for r in _records(workdir)) == 5  # the failing step is logged under its own number
+  monkeypatch.undo()
+  step, state = _newest_state(config, workdir)
+  assert step == 4
+  assert all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in jax.tree_util.tree_leaves(state)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+  result = trainer.train(config, workdir)
+  assert np.isfinite(result["val_loss"])
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_its_step_written_again(cache_dir, tmp_path):  # noqa: F811
+  workdir = str(tmp_path)
+  config = _config(cache_dir, steps=16, train__checkpoint_every=8)
+  trainer.train(config, workdir)
+  arrays = glob.glob(os.path.join(workdir, "checkpoints", "16", "state", "ocdbt.process_0", "d", "*"))
+  with open(max(arrays, key=os.path.getsize), "r+b") as f:  # the largest array data file
+    f.truncate(10)
+  for _ in range(2):  # twice: the workdir must not be stuck on the corrupt step
+    result = trainer.train(config, workdir)
+    assert np.isfinite(result["val_loss"])
+  assert glob.glob(os.path.join(workdir, "unreadable_checkpoints", "16-*"))
+  step, _ = _newest_state(config, workdir)
+  assert step == 16
+
+
+def test_settings_are_recorded_only_once_the_run_has_restored(cache_dir, tmp_path):  # noqa: F811
+  workdir = str(tmp_path)
+  config = _config(cache_dir, steps=8, train__checkpoint_every=8)
+  trainer.train(config, workdir, settings={"model": {"hidden": 128}})
+  wider = _config(cache_dir, steps=8, model__hidden=256)
+  with pytest.raises(RuntimeError, match="no readable checkpoint"):
+    trainer.train(wider, workdir, settings={"model": {"hidden": 256}})
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f) == {"model": {"hidden": 128}}
+  assert not os.path.exists(os.path.join(workdir, "unreadable_checkpoints"))  # a mismatch moves nothing
+
+
+def test_a_second_run_in_the_same_workdir_stops_naming_the_first(cache_dir, tmp_path):  # noqa: F811
+  config = _config(cache_dir, steps=8)
+  with workdir_lock.hold(str(tmp_path)):
+    with pytest.raises(RuntimeError, match=rf"another run is training .*pid {os.getpid()}"):
+      trainer.train(config, str(tmp_path))
+  assert trainer.train(config, str(tmp_path)) is not None  # released: the next run trains
+
+
+def test_a_failed_asynchronous_save_stops_the_run_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), every=1, keep=3)
+  checkpointer.save(1, {"w": np.ones(3, np.float32)}, None, force=True)
+  checkpointer.wait()
+
+  def disk_full():
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(checkpointer.manager, "check_for_errors", disk_full)
+  with pytest.raises(RuntimeError, match="newest complete checkpoint is step 1.*Free disk space"):
+    checkpointer.check_saves()
+  monkeypatch.undo()
+  checkpointer.close()
