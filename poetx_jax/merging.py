@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from poetx_jax import base_storage, cayley, layers, ops, optim, permutation, skew, tree_paths
 from poetx_jax.config import POETConfig
@@ -64,10 +65,35 @@ def merge(variables: Variables, opt_state: Any, config: POETConfig, merge_index:
     parameter, optimizer state and the learning-rate schedules go on.
   """
   params, poet = variables["params"], _poet(variables)
+  check_optimizer_state(params, opt_state)
   variables = {**variables, "params": _zeroed_orthogonal(params, poet)}
   if poet:
     variables[layers.POET_COLLECTION] = _merged_poet(params, poet, config, merge_index)
   return variables, optim.reset_orthogonal_state(opt_state)
+
+
+def check_optimizer_state(params, opt_state) -> None:
+  """Raises if `opt_state`'s Adam moments do not have `params`' tree and shapes (an optimizer
+  state of another model would otherwise be accepted here and fail later, inside `tx.update`)."""
+  if opt_state is None:
+    return
+  adam = [n for n in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
+          if isinstance(n, optax.ScaleByAdamState)]
+  for node in adam:
+    def same(p, m):
+      if isinstance(m, optax.MaskedNode) or not hasattr(m, "shape"):
+        return
+      if tuple(m.shape) != tuple(jnp.shape(tree_paths.unboxed(p))):
+        raise ValueError(f"the optimizer state holds a moment of shape {tuple(m.shape)} for a parameter of shape"
+                         f" {tuple(jnp.shape(tree_paths.unboxed(p)))}: it belongs to another model; pass the state"
+                         " made by tx.init of these params.")
+    try:
+      jax.tree_util.tree_map(same, params, node.mu, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    except ValueError as err:
+      if "optimizer state holds" in str(err):
+        raise
+      raise ValueError(f"the optimizer state's tree does not match these params ({err}): it belongs to another"
+                       " model; pass the state made by tx.init of these params.") from None
 
 
 def _poet(variables: Variables):
@@ -152,6 +178,7 @@ def merge_if_needed(step: jax.Array | int, variables: Variables, opt_state: Any,
   step = jnp.asarray(step)
   merging = should_merge(step, config)
   params, poet = variables["params"], _poet(variables)
+  check_optimizer_state(params, opt_state)
   # The base kernels and permutations change in loops that run no iteration unless
   # merging (see `_merged_poet`). The orthogonal parameters and their moments are zeroed
   # by a select, which fuses into the update that writes them.

@@ -185,5 +185,31 @@ def set_aside_stale(workdir: str) -> None:
     logger.warning("no checkpoint in %s: starting from step 0; the old metrics.jsonl is kept as %s", workdir, stale)
 
 
+def drop_replayed(workdir: str, step: int) -> None:
+  """On resuming at `step`: moves records of later steps (written after that checkpoint, before
+  the run stopped; the resumed run writes them again) from metrics.jsonl to metrics.replayed.jsonl,
+  so each step is in metrics.jsonl once and nothing is lost."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep, replayed = [], []
+  for line in lines:
+    try:
+      later = json.loads(line)["step"] > step
+    except (ValueError, KeyError, TypeError):
+      later = False  # a torn last line from a killed run: kept as it was
+    (replayed if later else keep).append(line)
+  if not replayed:
+    return
+  with open(os.path.join(workdir, "metrics.replayed.jsonl"), "a") as f:
+    f.writelines(replayed)
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+  logger.info("resuming at step %d: %d records of later steps moved to metrics.replayed.jsonl", step, len(replayed))
+
+
 def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
   return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

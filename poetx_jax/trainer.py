@@ -297,6 +297,8 @@ def _train(config: TrainConfig, workdir: str, stop_after_step: int | None, setti
     record_settings(workdir, settings)
   if start == 0:
     metrics.set_aside_stale(workdir)
+  else:
+    metrics.drop_replayed(workdir, start)
   tokens_per_step = config.train.global_batch_size * config.data.seq_len
   flops_per_step = llama.flops_per_token(config.model, config.data.seq_len) * tokens_per_step
   devices = run.mesh.devices.size

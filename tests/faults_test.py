@@ -118,3 +118,21 @@ def test_a_failed_asynchronous_save_stops_the_run_naming_the_last_good_checkpoin
     checkpointer.check_saves()
   monkeypatch.undo()
   checkpointer.close()
+
+
+def test_a_resumed_run_logs_each_step_once_and_keeps_the_replayed_records(cache_dir, tmp_path):  # noqa: F811
+  """A run that dies after logging steps its last checkpoint does not hold (here: checkpoint 16
+  removed after a finished run) resumes at 8; metrics.jsonl then has each step once, and the
+  first attempt's records of steps 9-16 move to metrics.replayed.jsonl."""
+  import shutil
+
+  workdir = str(tmp_path)
+  config = _config(cache_dir, steps=16, train__checkpoint_every=8)
+  trainer.train(config, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "16"))
+  trainer.train(config, workdir)
+  steps = [r["step"] for r in _records(workdir)]
+  assert sorted(steps) == list(range(1, 17)), steps
+  with open(os.path.join(workdir, "metrics.replayed.jsonl")) as f:
+    replayed = [json.loads(line) for line in f]
+  assert sorted(r["step"] for r in replayed if r["kind"] == "train") == list(range(9, 17))

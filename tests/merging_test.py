@@ -108,3 +108,13 @@ def test_merging_in_the_train_step_costs_one_layers_temporaries_not_a_copy_of_th
   largest_layer_f32 = 256 * 512 * 4
   extra = need(True) - need(False)
   assert extra <= 4 * largest_layer_f32, (extra, largest_layer_f32)
+
+
+def test_merge_refuses_the_optimizer_state_of_another_model():
+  config = poetx_jax.POETConfig(block_size=4)
+  _, _, variables, _ = _init(config)
+  _, _, other, _ = _init(config, SmallModel(width=8, classes=8))
+  with pytest.raises(ValueError, match="belongs to another model"):
+    poetx_jax.merge(variables, _opt(config).init(other["params"]), config, 1)
+  with pytest.raises(ValueError, match="belongs to another model"):
+    poetx_jax.merge_if_needed(3, variables, _opt(config).init(other["params"]), config)
