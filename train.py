@@ -7,6 +7,7 @@
 Re-running a command resumes from the newest checkpoint in --workdir.
 """
 
+import importlib.util
 import logging
 import os
 import sys
@@ -50,5 +51,23 @@ def main(argv):
   print(f"validation loss {result['val_loss']:.4f}  perplexity {result['val_ppl']:.2f}  ({workdir})")
 
 
+def _check_override_names(argv) -> None:
+  """One clear error for an override that names no field (before absl's parsing turns it into a
+  bare AttributeError); the config file is read here and again by the flag."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None and "--config" in argv[:-1]:
+    path = argv[argv.index("--config") + 1]
+  if path is None or not os.path.exists(path):
+    return  # absl reports a missing --config itself
+  spec = importlib.util.spec_from_file_location("_run_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  try:
+    train_config.check_override_names(module.get_config(), argv[1:])
+  except ValueError as err:
+    sys.exit(f"FATAL {err}")
+
+
 if __name__ == "__main__":
+  _check_override_names(sys.argv)
   app.run(main)

@@ -7,6 +7,8 @@ field at this boundary and the rest of the code sees typed, immutable values.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 from typing import Any
 
 from poetx_jax.config import POETConfig
@@ -191,6 +193,31 @@ def _check_variant_with_remat(config: TrainConfig) -> None:
         f"poet.variant='mem' with model.remat={config.model.remat!r}: remat already {done} each layer's h, so mem"
         " would only add one large GEMM per layer. Use poet.variant='fast' with remat, or 'mem' with model.remat='none'."
     )
+
+
+def check_override_names(config, args) -> None:
+  """Raises one ValueError for a `--config.a.b=v` argument that names no field of `config`,
+  naming the section and the closest valid fields (ml_collections' own error is a bare
+  `AttributeError: "'b'"`).
+
+  Args:
+    config: the ConfigDict the `--config` file gives (before overrides).
+    args: the command line's arguments.
+  """
+  for arg in args:
+    match = re.match(r"^--?config\.([A-Za-z0-9_.]+)(=|$)", arg)
+    if not match:
+      continue
+    node, done = config, []
+    for name in match.group(1).split("."):
+      fields = list(node.keys()) if hasattr(node, "keys") else []
+      if name not in fields:
+        section = ".".join(done) or "the config"
+        close = difflib.get_close_matches(name, fields, n=3) or sorted(fields)
+        raise ValueError(f"unknown setting --config.{match.group(1)}: {section} has no field {name!r};"
+                         f" {'did you mean' if difflib.get_close_matches(name, fields) else 'its fields are'}"
+                         f" {', '.join(close)}?")
+      node, done = node[name], done + [name]
 
 
 def data_config(config) -> DataConfig:

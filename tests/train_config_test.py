@@ -42,3 +42,24 @@ def test_the_new_dtype_settings_parse_from_the_command_line():
               "--config.optimizer.mu_dtype=bfloat16", "--config.model.param_dtype=bfloat16"), vocab_size=4096)
   assert config.poet.base_dtype == "int8" and config.poet.quant_group_size == 64 and config.poet.quant_error_feedback
   assert config.optimizer.mu_dtype == "bfloat16" and config.model.param_dtype == "bfloat16"
+
+
+def test_an_unknown_field_names_its_section_and_the_closest_fields():
+  config = _parsed()
+  with pytest.raises(ValueError, match=r"train has no field 'stpes'; did you mean steps"):
+    train_config.check_override_names(config, ["--config.train.stpes=3"])
+  with pytest.raises(ValueError, match=r"the config has no field 'trian'; did you mean train"):
+    train_config.check_override_names(config, ["--config.trian.steps=3"])
+  train_config.check_override_names(config, ["--config.train.steps=3", "--workdir=x", "--config=configs/tiny.py"])
+
+
+def test_train_py_stops_on_an_unknown_field_with_one_line():
+  import subprocess
+  import sys
+
+  out = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs", "tiny.py"),
+                        "--workdir", "/nonexistent/never", "--config.optimizer.learning_rate=1"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1].startswith("FATAL unknown setting --config.optimizer.learning_rate:"), out.stderr
+  assert "Traceback" not in out.stderr
