@@ -396,7 +396,9 @@ def read_documents(path: str, text_key: str = TEXT_FEATURE) -> Iterator[str]:
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rt", encoding="utf-8", errors="replace") as f:
     if path.removesuffix(".gz").endswith(".txt"):
-      yield f.read()
+      text = f.read()
+      check_is_text(text, path)
+      yield text
       return
     for number, line in enumerate(f, 1):
       if not line.strip():
@@ -410,6 +412,23 @@ def read_documents(path: str, text_key: str = TEXT_FEATURE) -> Iterator[str]:
             " set data.text_key to the field holding the text."
         ) from err
       yield str(text)
+
+
+# Above this share of undecodable bytes (U+FFFD after decoding) and control characters a
+# file is taken for binary data, not text with a few bad bytes.
+MAX_NON_TEXT_SHARE = 0.05
+
+
+def check_is_text(text: str, path: str) -> None:
+  """Raises when `text` (decoded with replacement) is mostly not text: a binary file in data.files."""
+  if not text:
+    return
+  bad = sum(1 for c in text if c == "\ufffd" or (ord(c) < 32 and c not in "\n\r\t\f"))
+  if bad > MAX_NON_TEXT_SHARE * len(text):
+    raise ValueError(
+        f"{path} is not UTF-8 text ({100 * bad / len(text):.0f}% undecodable bytes or control characters):"
+        " remove it from data.files."
+    )
 
 
 def local_files_name(files: list[str], text_key: str) -> str:

@@ -289,6 +289,7 @@ def _train(config: TrainConfig, workdir: str, stop_after_step: int | None, setti
       process_index=jax.process_index(),
       process_count=jax.process_count(),
   )
+  validation = _eval_batches(config)  # opened now: a missing or empty split stops the run before step 0
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
   )
@@ -378,12 +379,12 @@ def _train(config: TrainConfig, workdir: str, stop_after_step: int | None, setti
           sigmas = _spectrum(run, state)
           log.write(step_done, {f"sigma_max/{k}": float(v) for k, v in sigmas.items()}, kind="spectrum")
         if due_eval or step_done == total:
-          last_eval = evaluate.evaluate(run.eval_step, state.params, state.frozen, _eval_batches(config), run.batch_sharding)
+          last_eval = evaluate.evaluate(run.eval_step, state.params, state.frozen, validation, run.batch_sharding)
           log.write(step_done, last_eval, kind="eval")
       if pending is not None:
         read(pending)
     if last_eval is None:
-      last_eval = evaluate.evaluate(run.eval_step, state.params, state.frozen, _eval_batches(config), run.batch_sharding)
+      last_eval = evaluate.evaluate(run.eval_step, state.params, state.frozen, validation, run.batch_sharding)
       log.write(int(state.step), last_eval, kind="eval")
   finally:
     with contextlib.ExitStack() as closing:  # each runs even if another raises

@@ -136,3 +136,21 @@ def test_a_resumed_run_logs_each_step_once_and_keeps_the_replayed_records(cache_
   with open(os.path.join(workdir, "metrics.replayed.jsonl")) as f:
     replayed = [json.loads(line) for line in f]
   assert sorted(r["step"] for r in replayed if r["kind"] == "train") == list(range(9, 17))
+
+
+def test_a_binary_file_is_refused_before_training(cache_dir, tmp_path):  # noqa: F811
+  blob = tmp_path / "blob.txt"
+  blob.write_bytes(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes())
+  from poetx_jax import data, train_config
+
+  raw = __import__("configs.tiny", fromlist=["get_config"]).get_config()
+  raw.data.update(files=str(blob), cache_dir=str(tmp_path / "cache"), vocab_size=300)
+  with pytest.raises(ValueError, match=r"blob.txt is not UTF-8 text .* remove it from data.files"):
+    data.load_tokenizer(train_config.data_config(raw))
+
+
+def test_a_missing_validation_split_stops_the_run_before_step_0(cache_dir, tmp_path):  # noqa: F811
+  config = _config(cache_dir, steps=8, data__eval_split="nonexistent")
+  with pytest.raises(ValueError, match="data.eval_split"):
+    trainer.train(config, str(tmp_path))
+  assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints", "8"))  # nothing trained, nothing saved
