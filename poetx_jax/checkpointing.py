@@ -2,9 +2,11 @@
 
 One `CheckpointManager` per run directory; each step is one `ocp.args.Composite`
 of `state` (params, POET-X frozen state, optimizer state, step, RNG) and `data`
-(the grain iterator's position). Orbax writes each step to a temporary directory
-and renames it when complete, so a partial save is never listed; a complete but
-unreadable one is reported and the previous step is used.
+(the grain iterator's position), plus `checksums` of every array of the state.
+Orbax writes each step to a temporary directory and renames it when complete, so a
+partial save is never listed; a complete but unreadable one, or one whose arrays no
+longer match their checksums, is reported, moved aside once an older step restores,
+and the previous step is used.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -33,8 +36,11 @@ class Checkpointer:
     )
 
   def save(self, step: int, state: Any, data_iterator: Any | None, *, force: bool = False) -> bool:
-    """Saves `state` (and the iterator's position) at `step` when due or when forced."""
-    items = {"state": ocp.args.StandardSave(state)}
+    """Saves `state` (and the iterator's position) at `step` when due or when forced, with a
+    checksum of every array (`checksums`), which restoring verifies."""
+    if not (force or self.manager.should_save(step)):
+      return False
+    items = {"state": ocp.args.StandardSave(state), CHECKSUMS: ocp.args.JsonSave(checksums(state))}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -92,8 +98,13 @@ class Checkpointer:
       items = {"state": ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      recorded = (self.directory / str(step) / CHECKSUMS).exists()  # checkpoints of older versions have none
+      if recorded:
+        items[CHECKSUMS] = ocp.args.JsonRestore()
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if recorded:
+          verify_checksums(restored["state"], restored[CHECKSUMS])
       except Exception as err:  # pylint: disable=broad-except
         # Any failure to read one step (missing files, bad metadata, truncated
         # arrays) must not lose the run: report it and fall back to the previous.
@@ -121,6 +132,50 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+CHECKSUMS = "checksums"
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+  """The array's bits as uint32 words (narrower types widened), flattened."""
+  x = jnp.asarray(x)
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32).reshape(-1)
+
+
+@jax.jit
+def _checksum_arrays(tree: Any) -> Any:
+  def pair(x):
+    words = _as_uint32(x)
+    weights = jnp.arange(1, words.size + 1, dtype=jnp.uint32)
+    return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
+
+  return jax.tree_util.tree_map(pair, tree)
+
+
+def checksums(tree: Any) -> dict[str, list[int]]:
+  """Two 32-bit sums of every array's bits (plain, and weighted by position), keyed by path.
+
+  Computed on the device in one pass (orbax stores no checksums of its own); any flipped
+  bit changes the plain sum, and moved values the weighted one.
+  """
+  sums = jax.device_get(_checksum_arrays(tree))
+  return {jax.tree_util.keystr(path): [int(v) for v in value] for path, value in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def verify_checksums(tree: Any, recorded: dict[str, list[int]]) -> None:
+  """Raises ValueError naming the first array whose bits differ from what was saved."""
+  actual = checksums(tree)
+  if set(actual) != set(recorded):
+    raise ValueError(f"the checkpoint's checksums name other arrays ({sorted(set(actual) ^ set(recorded))[:3]} ...).")
+  for key, value in actual.items():
+    if list(value) != list(recorded[key]):
+      raise ValueError(f"array {key} does not match its checksum: the checkpoint's data changed after it was saved.")
 
 
 def abstract_tree(tree: Any, shardings: Any) -> Any:

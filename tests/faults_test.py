@@ -154,3 +154,31 @@ def test_a_missing_validation_split_stops_the_run_before_step_0(cache_dir, tmp_p
   with pytest.raises(ValueError, match="data.eval_split"):
     trainer.train(config, str(tmp_path))
   assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints", "8"))  # nothing trained, nothing saved
+
+
+def test_checksums_catch_one_flipped_bit_and_a_mismatch_falls_back(cache_dir, tmp_path):  # noqa: F811
+  """Orbax restores changed array data silently: every checkpoint records checksums of its arrays.
+  A restored state whose bits differ from them is unreadable, set aside like any other."""
+  state = {"w": np.arange(64, dtype=np.float32).reshape(8, 8), "codes": np.arange(32, dtype=np.uint8)}
+  recorded = checkpointing.checksums(state)
+  for key in state:
+    flipped = {k: v.copy() for k, v in state.items()}
+    flipped[key].view(np.uint8)[5] ^= 0x10  # one bit
+    with pytest.raises(ValueError, match="does not match its checksum"):
+      checkpointing.verify_checksums(flipped, recorded)
+  swapped = {**state, "w": state["w"][::-1].copy()}  # the same values elsewhere: the weighted sum
+  with pytest.raises(ValueError, match="does not match its checksum"):
+    checkpointing.verify_checksums(swapped, recorded)
+
+  workdir = str(tmp_path)
+  config = _config(cache_dir, steps=16, train__checkpoint_every=8)
+  trainer.train(config, workdir)
+  record = os.path.join(workdir, "checkpoints", "16", "checksums", "metadata")
+  with open(record) as f:
+    sums = json.load(f)
+  key = sorted(sums)[0]
+  sums[key] = [(sums[key][0] + 1) % 2**32, sums[key][1]]  # as if that array's data had changed
+  with open(record, "w") as f:
+    json.dump(sums, f)
+  assert np.isfinite(trainer.train(config, workdir)["val_loss"])  # falls back to 8, trains 16 again
+  assert glob.glob(os.path.join(workdir, "unreadable_checkpoints", "16-*"))
