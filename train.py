@@ -23,31 +23,59 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _setup_logging() -> None:
-  handler = logging.StreamHandler(sys.stdout)
-  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+LOG_FILE = "train.log"
+
+
+def _setup_logging(workdir: str) -> str:
+  """The run's progress on stdout; everything (library warnings, ignored exceptions, asyncio's
+  "exception was never retrieved") in `workdir/train.log` only, so an error is not buried."""
+  console = logging.StreamHandler(sys.stdout)
+  console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  path = os.path.join(workdir, LOG_FILE)
+  to_file = logging.FileHandler(path)
+  to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
   logger = logging.getLogger("poetx_jax")
-  logger.addHandler(handler)
+  logger.addHandler(console)
+  logger.addHandler(to_file)
   logger.setLevel(logging.INFO)
   logger.propagate = False
+  root = logging.getLogger()
+  for handler in list(root.handlers):  # absl's stderr handler: other libraries' records go to the file
+    root.removeHandler(handler)
+  root.addHandler(to_file)
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and grain log every file operation at INFO
+  noise = logging.getLogger("poetx_jax.noise")
+  noise.propagate = False
+  noise.addHandler(to_file)
+
+  def unraisable(info):  # e.g. TensorStore's "Exception ignored" during a failed restore
+    noise.warning("exception ignored in %r: %s: %s", info.object, getattr(info.exc_type, "__name__", info.exc_type),
+                  info.exc_value)
+
+  sys.unraisablehook = unraisable
+  return path
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  _setup_logging()
-  trainer.maybe_initialize_distributed()
-  raw = _CONFIG.value
-  tokenizer = data.load_tokenizer(train_config.data_config(raw))
-  config = train_config.from_config_dict(raw, vocab_size=train_config.padded_vocab(tokenizer.vocab_size))
-  train_config.check_vocab(config, tokenizer.vocab_size)
   workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
   os.makedirs(workdir, exist_ok=True)
-  if config.mode == "eval":
-    result = trainer.evaluate_checkpoint(config, workdir)
-  else:  # config.json is written once the run has restored or initialized with these settings
-    result = trainer.train(config, workdir, settings=raw.to_dict())
+  log_path = _setup_logging(workdir)
+  try:
+    trainer.maybe_initialize_distributed()
+    raw = _CONFIG.value
+    tokenizer = data.load_tokenizer(train_config.data_config(raw))
+    config = train_config.from_config_dict(raw, vocab_size=train_config.padded_vocab(tokenizer.vocab_size))
+    train_config.check_vocab(config, tokenizer.vocab_size)
+    if config.mode == "eval":
+      result = trainer.evaluate_checkpoint(config, workdir)
+    else:  # config.json is written once the run has restored or initialized with these settings
+      result = trainer.train(config, workdir, settings=raw.to_dict())
+  except Exception as err:  # pylint: disable=broad-except
+    logging.getLogger("poetx_jax.noise").exception("the run stopped")  # the traceback: file only
+    sys.stdout.flush()
+    sys.exit(f"FATAL {type(err).__name__}: {err}\n(the whole log: {log_path})")
   print(f"validation loss {result['val_loss']:.4f}  perplexity {result['val_ppl']:.2f}  ({workdir})")
 
 

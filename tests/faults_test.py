@@ -182,3 +182,25 @@ def test_checksums_catch_one_flipped_bit_and_a_mismatch_falls_back(cache_dir, tm
     json.dump(sums, f)
   assert np.isfinite(trainer.train(config, workdir)["val_loss"])  # falls back to 8, trains 16 again
   assert glob.glob(os.path.join(workdir, "unreadable_checkpoints", "16-*"))
+
+
+def test_train_py_reports_an_incompatible_resume_in_one_error_and_logs_the_rest(cache_dir, tmp_path):  # noqa: F811
+  """What a user sees: the error in a few lines on stderr; tracebacks, ignored exceptions and
+  library logs in workdir/train.log."""
+  import subprocess
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, os.path.join(repo, "train.py"), "--config", os.path.join(repo, "configs", "tiny.py"),
+             f"--workdir={tmp_path}", f"--config.data.files={cache_dir}/*.txt", f"--config.data.cache_dir={cache_dir}/cache",
+             "--config.data.vocab_size=300", "--config.data.eval_split=train", "--config.train.steps=4",
+             "--config.optimizer.warmup_steps=1", "--config.train.checkpoint_every=4", "--config.train.eval_batches=1"]
+  first = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=repo)
+  assert first.returncode == 0, first.stderr[-2000:]
+  second = subprocess.run(command + ["--config.model.hidden=256"], capture_output=True, text=True, timeout=300, cwd=repo)
+  assert second.returncode != 0
+  lines = second.stderr.strip().splitlines()
+  assert len(lines) <= 3, second.stderr[-3000:]
+  assert lines[-2].startswith("FATAL RuntimeError: no readable checkpoint") and "train.log" in lines[-1]
+  with open(os.path.join(str(tmp_path), "train.log")) as f:
+    assert "Traceback" in f.read()
