@@ -43,7 +43,10 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state), CHECKSUMS: ocp.args.JsonSave(checksums(state))}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:  # orbax first waits for the previous save, whose failure surfaces here
+      return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as err:  # pylint: disable=broad-except
+      raise self._save_failed(err) from err
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -53,10 +56,14 @@ class Checkpointer:
     try:
       self.manager.check_for_errors()
     except Exception as err:  # pylint: disable=broad-except
-      newest = self.manager.latest_step()
-      kept = f"the newest complete checkpoint is step {newest}" if newest is not None else "no checkpoint is complete"
-      raise RuntimeError(f"saving a checkpoint in {self.directory} failed ({type(err).__name__}: {err}); {kept}."
-                         " Free disk space (or fix the directory) and re-run to resume.") from err
+      raise self._save_failed(err) from err
+
+  def _save_failed(self, err: Exception) -> RuntimeError:
+    complete = [step for step in self.manager.all_steps() if (self.directory / str(step)).exists()]
+    newest = max(complete, default=None)
+    kept = f"the newest complete checkpoint is step {newest}" if newest is not None else "no checkpoint is complete"
+    return RuntimeError(f"saving a checkpoint in {self.directory} failed ({type(err).__name__}: {str(err)[:300]}); {kept}."
+                        " Free disk space (or fix the directory) and re-run to resume.")
 
   def newest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -204,3 +204,32 @@ def test_train_py_reports_an_incompatible_resume_in_one_error_and_logs_the_rest(
   assert lines[-2].startswith("FATAL RuntimeError: no readable checkpoint") and "train.log" in lines[-1]
   with open(os.path.join(str(tmp_path), "train.log")) as f:
     assert "Traceback" in f.read()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 4 MB tmpfs at tmp_path/run/checkpoints (the machine's root may mount one; skipped otherwise)."""
+  import subprocess
+
+  mount_point = tmp_path / "run" / "checkpoints"
+  mount_point.mkdir(parents=True)
+  made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+  if made.returncode:
+    pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()}): the full-disk case needs one")
+  yield mount_point
+  subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_run_keeping_the_last_good_checkpoint(cache_dir, small_disk):  # noqa: F811
+  import subprocess
+
+  workdir = str(small_disk.parent)
+  config = _config(cache_dir, steps=40, train__checkpoint_every=4, train__keep_checkpoints=10)
+  with pytest.raises(RuntimeError, match=r"newest complete checkpoint is step (\d+)") as caught:
+    trainer.train(config, workdir)
+  newest = int(caught.value.args[0].split("newest complete checkpoint is step ")[1].split(".")[0])
+  assert 4 <= newest < 40
+  step, _ = _newest_state(config, workdir)
+  assert step == newest
+  subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)  # space freed
+  assert np.isfinite(trainer.train(config, workdir)["val_loss"])
