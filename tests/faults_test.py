@@ -70,13 +70,25 @@ def test_a_non_finite_step_stops_before_its_state_is_saved_and_a_rerun_recovers(
   assert np.isfinite(result["val_loss"])
 
 
-def test_a_corrupt_newest_checkpoint_is_set_aside_and_its_step_written_again(cache_dir, tmp_path):  # noqa: F811
+def _corrupt(step_dir: str, kind: str) -> None:
+  if kind == "array":  # the largest array data file, truncated
+    arrays = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*"))
+    with open(max(arrays, key=os.path.getsize), "r+b") as f:
+      f.truncate(10)
+  elif kind == "metadata":  # the state's tree metadata, garbled
+    with open(os.path.join(step_dir, "state", "_METADATA"), "w") as f:
+      f.write("{not json")
+  elif kind == "iterator":  # the data iterator's position, garbled
+    with open(os.path.join(step_dir, "data", "process_0-of-1.json"), "w") as f:
+      f.write("\x00garbage")
+
+
+@pytest.mark.parametrize("kind", ["array", "metadata", "iterator"])
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_its_step_written_again(cache_dir, tmp_path, kind):  # noqa: F811
   workdir = str(tmp_path)
   config = _config(cache_dir, steps=16, train__checkpoint_every=8)
   trainer.train(config, workdir)
-  arrays = glob.glob(os.path.join(workdir, "checkpoints", "16", "state", "ocdbt.process_0", "d", "*"))
-  with open(max(arrays, key=os.path.getsize), "r+b") as f:  # the largest array data file
-    f.truncate(10)
+  _corrupt(os.path.join(workdir, "checkpoints", "16"), kind)
   for _ in range(2):  # twice: the workdir must not be stuck on the corrupt step
     result = trainer.train(config, workdir)
     assert np.isfinite(result["val_loss"])
@@ -233,3 +245,41 @@ def test_a_full_disk_stops_the_run_keeping_the_last_good_checkpoint(cache_dir, s
   assert step == newest
   subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)  # space freed
   assert np.isfinite(trainer.train(config, workdir)["val_loss"])
+
+
+def _train_py(cache_dir, workdir, *extra):
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return [sys.executable, os.path.join(repo, "train.py"), "--config", os.path.join(repo, "configs", "tiny.py"),
+          f"--workdir={workdir}", f"--config.data.files={cache_dir}/*.txt", f"--config.data.cache_dir={cache_dir}/cache",
+          "--config.data.vocab_size=300", "--config.data.eval_split=train", "--config.optimizer.warmup_steps=2",
+          "--config.train.eval_batches=1", "--config.train.log_every=1", "--config.train.eval_every=0", *extra]
+
+
+@pytest.mark.parametrize("seed", [1])
+def test_kill_9_while_checkpointing_then_rerun_gives_the_uninterrupted_losses(cache_dir, tmp_path, seed):  # noqa: F811
+  """`kill -9` at a random step of a run that saves every other step (so often mid-save); the rerun
+  resumes and logs, step for step, the losses of a run never interrupted."""
+  import signal
+  import subprocess
+  import time
+
+  extra = ("--config.train.steps=20", "--config.train.checkpoint_every=2")
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  subprocess.run(_train_py(cache_dir, straight, *extra), check=True, capture_output=True, timeout=300)
+  kill_after = int(np.random.default_rng(seed).integers(3, 17))
+  process = subprocess.Popen(_train_py(cache_dir, killed, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if os.path.exists(killed / "metrics.jsonl") and len(_records(str(killed))) >= kill_after:
+      process.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.02)
+  process.wait(timeout=60)
+  subprocess.run(_train_py(cache_dir, killed, *extra), check=True, capture_output=True, timeout=300)
+  want = {r["step"]: r["loss"] for r in _records(str(straight))}
+  got = {r["step"]: r["loss"] for r in _records(str(killed))}
+  assert sorted(got) == list(range(1, 21))
+  if jax.default_backend() == "cpu":
+    assert got == want
