@@ -95,6 +95,13 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_its_step_written_again(cac
   assert glob.glob(os.path.join(workdir, "unreadable_checkpoints", "16-*"))
   step, _ = _newest_state(config, workdir)
   assert step == 16
+  # steps 9-16 trained again from checkpoint 8 give the first attempt's losses (kept as replayed)
+  with open(os.path.join(workdir, "metrics.replayed.jsonl")) as f:
+    first = {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
+  again = {r["step"]: r["loss"] for r in _records(workdir) if r["step"] > 8}
+  assert sorted(again) == sorted(first) == list(range(9, 17))
+  if jax.default_backend() == "cpu":
+    assert again == first
 
 
 def test_settings_are_recorded_only_once_the_run_has_restored(cache_dir, tmp_path):  # noqa: F811
