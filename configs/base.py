@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.b1 = 0.9  # Adam beta1
   c.optimizer.b2 = 0.999  # Adam beta2
   c.optimizer.eps = 1e-6  # Adam epsilon, added to sqrt(v_hat)
-  # storage dtype of Adam's first moment: None (each parameter's dtype), "bfloat16" or "float32"
+  # storage dtype of Adam's first moment, of every group (POET-X's generators too): None (each parameter's dtype), "bfloat16" or "float32"
   c.optimizer.mu_dtype = ml_collections.config_dict.placeholder(str)
   c.optimizer.galore_rank = 128  # galore: rank of each hidden matrix's gradient projection
   c.optimizer.galore_update_proj_gap = 200  # galore: steps between recomputed projections (an SVD each)

@@ -74,14 +74,15 @@ def layer_kernel(arrays: Mapping[str, jax.Array], d_in: int, d_out: int) -> Kern
   return QuantizedKernel(kernel, arrays[BASE_SCALE], arrays[BASE_OFFSET])
 
 
-def to_float32(arrays: Mapping[str, jax.Array], d_in: int, d_out: int) -> jax.Array:
-  """The float32 `(d_in, d_out)` kernel a merge starts from (for XQ with error feedback:
-  the codes plus the carried residual, finer than what the forward reads)."""
+def to_float32(arrays: Mapping[str, jax.Array], d_in: int, d_out: int, *, master: bool = False) -> jax.Array:
+  """The float32 `(d_in, d_out)` kernel: the one the layer computes with, or (`master`, what a
+  merge starts from) for XQ with error feedback the codes plus the carried residual, finer
+  than what the forward reads."""
   codes = arrays[BASE_KERNEL].reshape(d_in, d_out)
   if BASE_SCALE not in arrays:
     return codes.astype(jnp.float32)
   scale, offset = arrays[BASE_SCALE], arrays[BASE_OFFSET]
-  if BASE_RESIDUAL in arrays:
+  if master and BASE_RESIDUAL in arrays:
     group = d_in // scale.shape[-2]
     return quantization.master_values(codes, scale, offset, arrays[BASE_RESIDUAL], group)
   return quantization.dequantize(codes, scale, offset, jnp.float32)

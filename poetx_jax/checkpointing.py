@@ -37,10 +37,24 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator: Any | None, *, force: bool = False) -> bool:
     """Saves `state` (and the iterator's position) at `step` when due or when forced, with a
-    checksum of every array (`checksums`), which restoring verifies."""
+    checksum of every array (`checksums`), which restoring verifies.
+
+    Raises:
+      FloatingPointError: when the state holds a non-finite value (a merge or an optimizer
+        moment overflowed although the step's norms were finite): it is not saved.
+      RuntimeError: when this or the previous (asynchronous) save failed.
+    """
     if not (force or self.manager.should_save(step)):
       return False
-    items = {"state": ocp.args.StandardSave(state), CHECKSUMS: ocp.args.JsonSave(checksums(state))}
+    sums, finite = checksums_and_finiteness(state)
+    if not finite:
+      newest = self.newest_step()
+      raise FloatingPointError(
+          f"the state after step {step} holds non-finite values: not saved; the newest checkpoint"
+          f" {'is step ' + str(newest) if newest is not None else 'does not exist'} in {self.directory}"
+          " (lower optimizer.lr / optimizer.poet_lr, or check the data)."
+      )
+    items = {"state": ocp.args.StandardSave(state), CHECKSUMS: ocp.args.JsonSave(sums)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     try:  # orbax first waits for the previous save, whose failure surfaces here
@@ -49,38 +63,58 @@ class Checkpointer:
       raise self._save_failed(err) from err
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def check_saves(self) -> None:
-    """Raises, naming the newest complete checkpoint, if an asynchronous save has failed."""
     try:
-      self.manager.check_for_errors()
+      self.manager.wait_until_finished()
     except Exception as err:  # pylint: disable=broad-except
       raise self._save_failed(err) from err
 
+  def check_saves(self) -> None:
+    """Raises, naming the newest complete checkpoint, if an asynchronous save has failed.
+
+    Only once no save is in flight: then `wait_until_finished` returns at once and raises
+    the finished save's error (orbax's `check_for_errors` misses errors its own background
+    thread has already collected).
+    """
+    if not self.manager.is_saving_in_progress():
+      self.wait()
+
+  def _complete_steps(self) -> list[int]:
+    """Steps whose directories are complete on disk (orbax renames a step's directory from
+    its temporary name only once it is written)."""
+    if not self.directory.exists():
+      return []
+    return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
+
   def _save_failed(self, err: Exception) -> RuntimeError:
-    complete = [step for step in self.manager.all_steps() if (self.directory / str(step)).exists()]
-    newest = max(complete, default=None)
+    newest = max(self._complete_steps(), default=None)
     kept = f"the newest complete checkpoint is step {newest}" if newest is not None else "no checkpoint is complete"
     return RuntimeError(f"saving a checkpoint in {self.directory} failed ({type(err).__name__}: {str(err)[:300]}); {kept}."
-                        " Free disk space (or fix the directory) and re-run to resume.")
+                        " Fix the cause (a full disk, say) and re-run to resume.")
 
   def newest_step(self) -> int | None:
-    return self.manager.latest_step()
+    return max(self._complete_steps(), default=None)
 
   def _set_aside(self, step: int) -> str | None:
-    """Moves an unreadable step's directory to `unreadable_checkpoints/` beside the run's
-    checkpoints (nothing is deleted), so that training can write that step again."""
+    """Moves an unreadable step's directory aside (nothing is deleted), so that training can
+    write that step again: to `unreadable_checkpoints/` beside the checkpoints, or, where that
+    is another file system, to a non-step name inside the checkpoints' directory."""
     source = self.directory / str(step)
-    if jax.process_index() != 0 or not source.exists():
-      self.manager.reload()
-      return None
-    target_dir = self.directory.parent / "unreadable_checkpoints"
-    target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    source.rename(target)
+    target = None
+    if jax.process_index() == 0 and source.exists():
+      name = f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+      for folder in (self.directory.parent / "unreadable_checkpoints", self.directory / "unreadable"):
+        try:
+          folder.mkdir(parents=True, exist_ok=True)
+          source.rename(folder / name)
+          target = str(folder / name)
+          break
+        except OSError as err:  # another file system (EXDEV), say: try the next place
+          logger.warning("could not move %s to %s (%s)", source, folder, err)
+    if jax.process_count() > 1:  # every process lists the steps only after the move
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("poetx_jax_set_aside_checkpoint")
     self.manager.reload()
-    return str(target)
+    return target
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -137,8 +171,10 @@ class Checkpointer:
     return None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 CHECKSUMS = "checksums"
@@ -165,6 +201,13 @@ def _checksum_arrays(tree: Any) -> Any:
   return jax.tree_util.tree_map(pair, tree)
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def checksums(tree: Any) -> dict[str, list[int]]:
   """Two 32-bit sums of every array's bits (plain, and weighted by position), keyed by path.
 
@@ -173,6 +216,11 @@ def checksums(tree: Any) -> dict[str, list[int]]:
   """
   sums = jax.device_get(_checksum_arrays(tree))
   return {jax.tree_util.keystr(path): [int(v) for v in value] for path, value in jax.tree_util.tree_leaves_with_path(sums)}
+
+
+def checksums_and_finiteness(tree: Any) -> tuple[dict[str, list[int]], bool]:
+  """`checksums(tree)` and whether every floating value of `tree` is finite."""
+  return checksums(tree), bool(jax.device_get(_all_finite(tree)))
 
 
 def verify_checksums(tree: Any, recorded: dict[str, list[int]]) -> None:

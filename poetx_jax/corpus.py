@@ -417,13 +417,14 @@ def read_documents(path: str, text_key: str = TEXT_FEATURE) -> Iterator[str]:
 # Above this share of undecodable bytes (U+FFFD after decoding) and control characters a
 # file is taken for binary data, not text with a few bad bytes.
 MAX_NON_TEXT_SHARE = 0.05
+_NON_TEXT = re.compile("[\x00-\x08\x0b\x0e-\x1f\ufffd]")
 
 
 def check_is_text(text: str, path: str) -> None:
   """Raises when `text` (decoded with replacement) is mostly not text: a binary file in data.files."""
   if not text:
     return
-  bad = sum(1 for c in text if c == "\ufffd" or (ord(c) < 32 and c not in "\n\r\t\f"))
+  bad = len(_NON_TEXT.findall(text))
   if bad > MAX_NON_TEXT_SHARE * len(text):
     raise ValueError(
         f"{path} is not UTF-8 text ({100 * bad / len(text):.0f}% undecodable bytes or control characters):"

@@ -106,6 +106,24 @@ def _initial_permutations(module: nn.Module, config: POETConfig, path: str, d_in
   return permutation.draw_permutations(key, d_in, d_out)
 
 
+def _check_stored_kind(module: nn.Module, config: POETConfig, path: str, base_dtype: str) -> None:
+  """Raises when the variables were made with other base-kernel settings than `config`'s."""
+  has = lambda name: module.has_variable(POET_COLLECTION, name)
+  quantized = base_dtype == "int8"
+  if has(base_storage.BASE_SCALE) != quantized:
+    stored = "int8 (XQ) codes" if has(base_storage.BASE_SCALE) else "float base kernels"
+    raise ValueError(f"layer {path!r}: POETConfig.base_dtype={config.base_dtype!r}, but the variables hold {stored}:"
+                     " wrap with the base_dtype the variables were made with.")
+  if quantized and has(base_storage.BASE_RESIDUAL) != config.quant_error_feedback:
+    raise ValueError(f"layer {path!r}: POETConfig.quant_error_feedback={config.quant_error_feedback}, but the variables"
+                     f" {'hold' if has(base_storage.BASE_RESIDUAL) else 'lack'} a residual: wrap with the setting they were"
+                     " made with.")
+  stored_dtype = jnp.dtype(module.get_variable(POET_COLLECTION, BASE_KERNEL).dtype)
+  if not quantized and config.base_dtype is not None and stored_dtype != jnp.dtype(base_dtype):
+    raise ValueError(f"layer {path!r}: POETConfig.base_dtype={config.base_dtype!r}, but the variables hold"
+                     f" {stored_dtype.name} base kernels: wrap with the base_dtype they were made with.")
+
+
 def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, next_fun) -> jax.Array:
   """Replaces one Dense/DenseGeneral call by the POET-X computation (or opts it out)."""
   path = module_path(module)
@@ -150,12 +168,8 @@ def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, ne
   quantized = base_dtype == "int8"
   if quantized:
     quantization.check_group_size(d_in, config.quant_group_size, path)
-  if not module.is_initializing() and module.has_variable(POET_COLLECTION, base_storage.BASE_SCALE) != quantized:
-    kind = "int8 (XQ)" if quantized else "float"
-    raise ValueError(
-        f"layer {path!r}: POETConfig.base_dtype={config.base_dtype!r} asks for {kind} base kernels, but the"
-        " variables hold the other kind: wrap with the base_dtype the variables were made with."
-    )
+  if not module.is_initializing():
+    _check_stored_kind(module, config, path, base_dtype)
   names = (base_storage.BASE_KERNEL,)
   if quantized:
     names += (base_storage.BASE_SCALE, base_storage.BASE_OFFSET)

@@ -151,7 +151,8 @@ def _merged_layer(state, q_layer, config: POETConfig, merge_index, path: str, me
     layer = {name: take(value, i) for name, value in arrays.items()}
     g_in, g_out = _layer_blocks({layers.Q_IN: take(q_in, i), layers.Q_OUT: take(q_out, i)}, config.neumann_terms,
                                 dynamic=False)
-    k_true_IxO = ops.effective_kernel(base_storage.to_float32(layer, d_in, d_out), g_in, g_out, take(perm_in_inv, i),
+    k_true_IxO = ops.effective_kernel(base_storage.to_float32(layer, d_in, d_out, master=True), g_in, g_out,
+                                      take(perm_in_inv, i),
                                       take(perm_out, i))
     new_perm_in_inv, new_perm_out = permutation.draw_permutations(jax.random.fold_in(key, i) if stacked else key,
                                                                   d_in, d_out)

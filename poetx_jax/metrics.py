@@ -199,8 +199,8 @@ def drop_replayed(workdir: str, step: int) -> None:
     try:
       later = json.loads(line)["step"] > step
     except (ValueError, KeyError, TypeError):
-      later = False  # a torn last line from a killed run: kept as it was
-    (replayed if later else keep).append(line)
+      later = True  # a torn last line of a killed run: moved with the replayed records, not lost
+    (replayed if later else keep).append(line if line.endswith("\n") else line + "\n")
   if not replayed:
     return
   with open(os.path.join(workdir, "metrics.replayed.jsonl"), "a") as f:

@@ -76,7 +76,7 @@ class RunConfig:
     for field, least in (("log_every", 1), ("checkpoint_every", 1), ("keep_checkpoints", 1), ("eval_batches", 1),
                          ("eval_every", 0), ("eval_batch_size", 0), ("spectrum_every", 0)):
       value = getattr(self, field)
-      if not isinstance(value, int) or value < least:
+      if isinstance(value, bool) or not isinstance(value, int) or value < least:
         meaning = " (0: off)" if field in ("eval_every", "spectrum_every") else ""
         raise ValueError(f"train.{field} must be an int >= {least}{meaning}, got {value!r}.")
     if self.grad_accum_steps < 1 or self.global_batch_size % self.grad_accum_steps:

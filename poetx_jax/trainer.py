@@ -326,6 +326,7 @@ def _train(config: TrainConfig, workdir: str, stop_after_step: int | None, setti
         bad = {k: values[k] for k in ("loss", "grad_norm", "update_norm") if k in values and not math.isfinite(values[k])}
         if bad:
           # Read before any save of this step's state: every checkpoint written holds finite values.
+          checkpointer.wait()  # the saves in flight complete before the newest is named
           newest = checkpointer.newest_step()
           kept = (f"the newest checkpoint, step {newest} in {checkpointer.directory}, holds the finite state before it"
                   if newest is not None else "no checkpoint was written")
@@ -398,7 +399,13 @@ def _train(config: TrainConfig, workdir: str, stop_after_step: int | None, setti
 
 
 def evaluate_checkpoint(config: TrainConfig, workdir: str) -> dict[str, float]:
-  """Evaluates the newest readable checkpoint in `workdir` (no training)."""
+  """Evaluates the newest readable checkpoint in `workdir` (no training; it holds the workdir's
+  lock too, as it may set aside an unreadable checkpoint and appends to metrics.jsonl)."""
+  with workdir_lock.hold(workdir):
+    return _evaluate_checkpoint(config, workdir)
+
+
+def _evaluate_checkpoint(config: TrainConfig, workdir: str) -> dict[str, float]:
   run = build(config)
   checkpointer = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), every=config.train.checkpoint_every, keep=config.train.keep_checkpoints

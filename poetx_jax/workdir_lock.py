@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 from typing import Iterator
 
 import jax
 
+logger = logging.getLogger("poetx_jax")
 LOCK_FILE = ".lock"
 
 
@@ -40,8 +42,12 @@ def hold(workdir: str) -> Iterator[None]:
       handle.seek(0)
       holder = handle.read().strip() or "an unknown process"
       raise RuntimeError(
-          f"another run is training in {workdir} ({holder}): wait for it to finish or stop it, or use another --workdir."
+          f"another run is using {workdir} ({holder}): wait for it to finish or stop it, or use another --workdir."
       ) from None
+    except OSError as err:  # a file system without flock (Lustre without -o flock, some FUSE mounts)
+      logger.warning("cannot lock %s (%s): not guarding against a second run in this workdir", path, err)
+      yield
+      return
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")

@@ -72,18 +72,25 @@ def test_int8_merge_keeps_the_function_within_quantization_error(feedback):
   assert 1e-6 < error < 2e-2  # one re-quantization on new groups: it moves, by rounding only
 
 
-def test_effective_params_of_int8_are_float32_and_reproduce_the_model():
-  model, wrapped, variables, x = _init(_config(base_dtype="int8"))
+@pytest.mark.parametrize("feedback", [False, True])
+def test_effective_params_of_int8_are_float32_and_reproduce_the_model(feedback):
+  """The export is the kernel the forward computes with (the codes), not the finer kernel a
+  merge starts from (codes plus residual)."""
+  model, wrapped, variables, x = _init(_config(base_dtype="int8", quant_error_feedback=feedback))
   variables = _randomize_q(variables, 0.2)
   dense = poetx_jax.effective_params(variables)
   assert dense["split"]["kernel"].dtype == jnp.float32 and dense["split"]["kernel"].shape == (16, 2, 8)
   assert relative_error(model.apply({"params": dense}, x), wrapped.apply(variables, x)) < 1e-5
 
 
-def test_base_dtype_must_match_the_variables():
+def test_base_kernel_settings_must_match_the_variables():
   _, _, variables, x = _init(_config(base_dtype="float32"))
-  with pytest.raises(ValueError, match="base_dtype"):
-    poetx_jax.wrap(SmallModel(), _config(base_dtype="int8")).apply(variables, x)
+  for wrong in (dict(base_dtype="int8"), dict(base_dtype="bfloat16")):
+    with pytest.raises(ValueError, match="base_dtype"):
+      poetx_jax.wrap(SmallModel(), _config(**wrong)).apply(variables, x)
+  _, _, xq_variables, _ = _init(_config(base_dtype="int8"))
+  with pytest.raises(ValueError, match="quant_error_feedback"):
+    poetx_jax.wrap(SmallModel(), _config(base_dtype="int8", quant_error_feedback=True)).apply(xq_variables, x)
 
 
 def test_group_size_must_divide_d_in():

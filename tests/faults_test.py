@@ -119,12 +119,14 @@ def test_settings_are_recorded_only_once_the_run_has_restored(cache_dir, tmp_pat
 def test_a_second_run_in_the_same_workdir_stops_naming_the_first(cache_dir, tmp_path):  # noqa: F811
   config = _config(cache_dir, steps=8)
   with workdir_lock.hold(str(tmp_path)):
-    with pytest.raises(RuntimeError, match=rf"another run is training .*pid {os.getpid()}"):
+    with pytest.raises(RuntimeError, match=rf"another run is using .*pid {os.getpid()}"):
       trainer.train(config, str(tmp_path))
   assert trainer.train(config, str(tmp_path)) is not None  # released: the next run trains
 
 
 def test_a_failed_asynchronous_save_stops_the_run_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
+  """The plumbing (the real failure is the full-disk test below): once no save is in flight, a
+  finished save's error is raised as one RuntimeError naming the newest complete step on disk."""
   checkpointer = checkpointing.Checkpointer(str(tmp_path), every=1, keep=3)
   checkpointer.save(1, {"w": np.ones(3, np.float32)}, None, force=True)
   checkpointer.wait()
@@ -132,11 +134,21 @@ def test_a_failed_asynchronous_save_stops_the_run_naming_the_last_good_checkpoin
   def disk_full():
     raise OSError(28, "No space left on device")
 
-  monkeypatch.setattr(checkpointer.manager, "check_for_errors", disk_full)
-  with pytest.raises(RuntimeError, match="newest complete checkpoint is step 1.*Free disk space"):
+  monkeypatch.setattr(checkpointer.manager, "wait_until_finished", disk_full)
+  with pytest.raises(RuntimeError, match="newest complete checkpoint is step 1.*a full disk"):
     checkpointer.check_saves()
   monkeypatch.undo()
   checkpointer.close()
+
+
+def test_a_state_with_a_non_finite_value_is_not_saved(tmp_path):
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), every=1, keep=3)
+  checkpointer.save(1, {"w": np.ones(3, np.float32)}, None, force=True)
+  checkpointer.wait()
+  with pytest.raises(FloatingPointError, match=r"after step 2 holds non-finite values: not saved; the newest checkpoint is step 1"):
+    checkpointer.save(2, {"w": np.array([1.0, np.inf, 0.0], np.float32)}, None, force=True)
+  checkpointer.close()
+  assert sorted(os.listdir(tmp_path)) == ["1"]
 
 
 def test_a_resumed_run_logs_each_step_once_and_keeps_the_replayed_records(cache_dir, tmp_path):  # noqa: F811
@@ -283,7 +295,7 @@ def test_kill_9_while_checkpointing_then_rerun_gives_the_uninterrupted_losses(ca
       process.send_signal(signal.SIGKILL)
       break
     time.sleep(0.02)
-  process.wait(timeout=60)
+  assert process.wait(timeout=60) == -signal.SIGKILL  # killed mid-run, not finished
   subprocess.run(_train_py(cache_dir, killed, *extra), check=True, capture_output=True, timeout=300)
   want = {r["step"]: r["loss"] for r in _records(str(straight))}
   got = {r["step"]: r["loss"] for r in _records(str(killed))}
