@@ -92,8 +92,13 @@ def _note(**fields) -> None:
   print("NOTE " + json.dumps(fields), flush=True)
 
 
-def measure_cell(model: str, seq_len: int, method: str, batch: int, steps: int) -> dict:
+def measure_cell(model: str, seq_len: int, method: str, batch: int, steps: int, compile_only: bool = False) -> dict:
   """One cell on the first device: the record the child prints.
+
+  `compile_only`: compile the step on abstract state (nothing allocated, so any machine can
+  say what a cell needs, a CPU included: there XLA:CPU's buffer assignment, which widens
+  bf16 matmuls to float32, so only a rough guide to a GPU's) and record the need alone
+  (`compile_only: true`; `fits` against the device's limit, None where it has none).
 
   `need_gb` is XLA's buffer assignment of the compiled step (`trainer.memory_need_bytes`);
   where it exceeds the device's limit the step does not run (`fits` false, no peak).
@@ -111,13 +116,19 @@ def measure_cell(model: str, seq_len: int, method: str, batch: int, steps: int) 
   limit = trainer.device_memory_limit()
   _note(device=device.device_kind, limit_gb=limit / GB if limit else None)
   run = trainer.build(config, devices=[device])  # one device, as the paper measures
-  state = run.init_fn()
-  data = synthetic.token_batch(run, batch, seq_len, config.model.vocab_size)
+  if compile_only:
+    state = jax.eval_shape(run.init_fn)
+    data = {k: jax.ShapeDtypeStruct((batch, seq_len), jax.numpy.int32) for k in ("inputs", "targets", "weights")}
+  else:
+    state = run.init_fn()
+    data = synthetic.token_batch(run, batch, seq_len, config.model.vocab_size)
   compiled = run.train_step.lower(state, data).compile()
   need = trainer.memory_need_bytes(compiled.memory_analysis())
   _note(need_gb=need / GB)
   record = {"model": model, "seq_len": seq_len, "method": method, "batch": batch, "peak_gb": None, "need_gb": need / GB,
             "tokens_per_s": None, "fits": False, "device": device.device_kind}
+  if compile_only:
+    return {**record, "fits": need <= limit if limit is not None else None, "compile_only": True}
   if limit is not None and need > limit:
     return record
   times, state = compile_time.step_seconds(compiled, state, data, steps)
@@ -267,8 +278,8 @@ def run_grid(args, argv: list[str]) -> dict:
       for method in args.methods.split(","):
         cell = f"{model}:{seq_len}:{method}"
         print(f"cell {cell} ...", flush=True)
-        status, stdout, stderr = _launch(["--cell", cell, "--steps", str(args.steps), "--batch", str(args.batch)],
-                                         args.cell_timeout)
+        status, stdout, stderr = _launch(["--cell", cell, "--steps", str(args.steps), "--batch", str(args.batch)]
+                                         + (["--compile_only"] if args.compile_only else []), args.cell_timeout)
         record, notes = record_from_child(model, seq_len, method, args.batch, status, stdout, stderr)
         if record.get("device") is None:
           record["device"] = results.get("device")
@@ -299,6 +310,8 @@ def main(argv=None):
   parser.add_argument("--plot_seq_len", type=int, default=1024, help="the sequence length the figure shows")
   parser.add_argument("--cell_timeout", type=float, default=900, help="seconds before a cell's process is killed")
   parser.add_argument("--cell", default=None, help="MODEL:SEQ:METHOD: measure one cell here and print its RECORD (the child)")
+  parser.add_argument("--compile_only", action="store_true",
+                      help="compile on abstract state and record XLA's need only (any machine, a CPU included)")
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parser.parse_args(argv)
   for method in args.methods.split(",") + ([args.cell.split(":")[-1]] if args.cell else []):
@@ -306,7 +319,8 @@ def main(argv=None):
       parser.error(f"unknown method {method!r}; known: {', '.join(METHODS)}")
   if args.cell:
     model, seq_len, method = args.cell.split(":")
-    print("RECORD " + json.dumps(measure_cell(model, int(seq_len), method, args.batch, args.steps)), flush=True)
+    record = measure_cell(model, int(seq_len), method, args.batch, args.steps, args.compile_only)
+    print("RECORD " + json.dumps(record), flush=True)
     return None
   return run_grid(args, argv)
 

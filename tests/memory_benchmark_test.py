@@ -26,13 +26,7 @@ def _records(stdout: str) -> list[dict]:
 
 @pytest.mark.parametrize("method", list(memory.METHODS))
 def test_child_prints_one_record_with_the_documented_fields(method, capsys, monkeypatch):
-  """Methods whose fields or optimizer the config does not know yet are skipped, and run
-  once `from_config_dict` takes them."""
   monkeypatch.setitem(memory.METHODS, method, memory.METHODS[method] + TINY_EXTRA.get(method, []))
-  try:
-    memory.cell_config("tiny", 64, method, 1)
-  except ValueError as unknown:
-    pytest.skip(f"{method}: {unknown}")
   memory.main(["--cell", f"tiny:64:{method}", "--steps", "2"])
   (record,) = _records(capsys.readouterr().out)
   assert set(record) == set(KEYS)
@@ -40,6 +34,16 @@ def test_child_prints_one_record_with_the_documented_fields(method, capsys, monk
     assert type(record[key]) is kind, (key, record[key])
   assert (record["model"], record["seq_len"], record["method"], record["batch"]) == ("tiny", 64, method, 1)
   assert record["need_gb"] > 0 and record["tokens_per_s"] > 0 and record["fits"]
+
+
+def test_compile_only_records_the_need_of_the_same_step_without_running_it(capsys, monkeypatch):
+  monkeypatch.setitem(memory.METHODS, "poetx_xq", memory.METHODS["poetx_xq"] + TINY_EXTRA["poetx_xq"])
+  memory.main(["--cell", "tiny:64:poetx_xq", "--compile_only"])
+  memory.main(["--cell", "tiny:64:poetx_xq", "--steps", "2"])
+  abstract, ran = _records(capsys.readouterr().out)
+  assert abstract["compile_only"] is True and abstract["peak_gb"] is None and abstract["tokens_per_s"] is None
+  assert abstract["fits"] is None  # a CPU has no memory limit to fit
+  assert abstract["need_gb"] == ran["need_gb"] > 0  # the same compiled program
 
 
 def _fake_child(need_gb: float, peak_gb: float):
