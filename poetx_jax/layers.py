@@ -212,10 +212,10 @@ def poet_dense_call(module: nn.Module, inputs: jax.Array, config: POETConfig, ne
   has_blocks = module.has_variable(BLOCKS_COLLECTION, BLOCKS)
   if _EXPECT_BLOCKS.get() and not has_blocks:
     raise ValueError(
-        f"POET-X layer {path!r} found no blocks in the {BLOCKS_COLLECTION!r} collection, which the train step"
-        f" passes (train.cayley_once): a Flax transform around the layer must carry that collection (nn.scan with"
-        f" variable_axes={{True: 0}}, or {BLOCKS_COLLECTION!r}: 0 beside 'params' and 'poet'); or set"
-        " train.cayley_once=False."
+        f"POET-X layer {path!r} found no blocks in the {BLOCKS_COLLECTION!r} collection, which its caller passes"
+        f" (`blocks.layer_blocks`): a Flax transform around the layer must carry that collection (nn.scan with"
+        f" variable_axes={{True: 0}}, or {BLOCKS_COLLECTION!r}: 0 beside 'params' and 'poet'), or the caller must"
+        " not pass blocks (then each layer runs the Cayley–Neumann map itself)."
     )
   x_NI = x_NI.reshape(lead_shape + (d_in,))
   k_IxO = base_storage.layer_kernel(stored, d_in, d_out)

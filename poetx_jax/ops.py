@@ -478,7 +478,7 @@ def _on_local_tokens(local, mesh, token_axes, rows, num_params):
     raise ValueError(
         f"a POET-X layer got {rows} token rows, which do not split over mesh axes {token_axes}"
         f" ({shards} devices); make the batch divisible by {shards}, or set POETConfig.batch_axes"
-        " (config.poet.batch_axes) to the mesh axes that actually split the batch."
+        " to the mesh axes that actually split the batch."
     )
   spec = jax.sharding.PartitionSpec(token_axes)
   replicated = jax.sharding.PartitionSpec()

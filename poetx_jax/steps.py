@@ -107,8 +107,13 @@ def make_gradients(
       # them (a bfloat16 model holds them, and each microbatch's cotangent, at half the
       # memory); the cotangent is summed in float32.
       extra = {layers.BLOCKS_COLLECTION: jax.tree_util.tree_map(lambda g: g.astype(activation_dtype), blocks)}
-      with layers.expecting_blocks():
-        loss_sum, tokens, (grads, extra_grads) = summed_gradients(params, extra, frozen, batch)
+      try:
+        with layers.expecting_blocks():
+          loss_sum, tokens, (grads, extra_grads) = summed_gradients(params, extra, frozen, batch)
+      except ValueError as err:
+        if layers.BLOCKS_COLLECTION not in str(err):
+          raise
+        raise ValueError(f"{err} In a run: set train.cayley_once=False.") from err
       # The generators' gradient: the map's backward of the summed blocks' cotangent (the
       # model itself gives `q_in`, `q_out` none, as its layers read the blocks).
       blocks_grads = extra_grads[layers.BLOCKS_COLLECTION]

@@ -1,6 +1,7 @@
 """Test set-up: 8 fake CPU devices (must precede the first jax import) and helpers."""
 
 import os
+import zlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -18,9 +19,12 @@ needs_8_devices = pytest.mark.skipif(
 
 
 @pytest.fixture
-def rng():
-  """A fresh numpy generator per test: every check runs on new random inputs."""
-  return np.random.default_rng()
+def rng(request):
+  """A numpy generator seeded from the test's id, so a failure reproduces; the seed is printed
+  (pytest shows a failing test's output)."""
+  seed = zlib.crc32(request.node.nodeid.encode())
+  print(f"rng seed {seed} for {request.node.nodeid}")
+  return np.random.default_rng(seed)
 
 
 def relative_error(actual, expected) -> float:
