@@ -34,6 +34,7 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True),
     )
+    self._unchecked = False  # a save started whose outcome `check_saves` has not seen yet
 
   def save(self, step: int, state: Any, data_iterator: Any | None, *, force: bool = False) -> bool:
     """Saves `state` (and the iterator's position) at `step` when due or when forced, with a
@@ -58,24 +59,28 @@ class Checkpointer:
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     try:  # orbax first waits for the previous save, whose failure surfaces here
-      return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as err:  # pylint: disable=broad-except
       raise self._save_failed(err) from err
+    self._unchecked = self._unchecked or saved
+    return saved
 
   def wait(self) -> None:
     try:
       self.manager.wait_until_finished()
     except Exception as err:  # pylint: disable=broad-except
       raise self._save_failed(err) from err
+    self._unchecked = False
 
   def check_saves(self) -> None:
     """Raises, naming the newest complete checkpoint, if an asynchronous save has failed.
 
-    Only once no save is in flight: then `wait_until_finished` returns at once and raises
-    the finished save's error (orbax's `check_for_errors` misses errors its own background
-    thread has already collected).
+    Only after a save started and once none is in flight: then `wait_until_finished`
+    returns at once and raises the finished save's error (orbax's `check_for_errors`
+    misses errors its own background thread has already collected). Other steps pay a
+    flag test, not a call into orbax (which may synchronize processes).
     """
-    if not self.manager.is_saving_in_progress():
+    if self._unchecked and not self.manager.is_saving_in_progress():
       self.wait()
 
   def _complete_steps(self) -> list[int]:
@@ -192,35 +197,34 @@ def _as_uint32(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _checksum_arrays(tree: Any) -> Any:
+def _summaries(tree: Any) -> tuple[Any, jax.Array]:
+  """Every array's two sums, and whether every floating value is finite: one program over the state."""
+
   def pair(x):
     words = _as_uint32(x)
     weights = jnp.arange(1, words.size + 1, dtype=jnp.uint32)
     return jnp.stack([jnp.sum(words, dtype=jnp.uint32), jnp.sum(words * weights, dtype=jnp.uint32)])
 
-  return jax.tree_util.tree_map(pair, tree)
-
-
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+  finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
             if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
-
-
-def checksums(tree: Any) -> dict[str, list[int]]:
-  """Two 32-bit sums of every array's bits (plain, and weighted by position), keyed by path.
-
-  Computed on the device in one pass (orbax stores no checksums of its own); any flipped
-  bit changes the plain sum, and moved values the weighted one.
-  """
-  sums = jax.device_get(_checksum_arrays(tree))
-  return {jax.tree_util.keystr(path): [int(v) for v in value] for path, value in jax.tree_util.tree_leaves_with_path(sums)}
+  return jax.tree_util.tree_map(pair, tree), jnp.all(jnp.stack(finite)) if finite else jnp.asarray(True)
 
 
 def checksums_and_finiteness(tree: Any) -> tuple[dict[str, list[int]], bool]:
-  """`checksums(tree)` and whether every floating value of `tree` is finite."""
-  return checksums(tree), bool(jax.device_get(_all_finite(tree)))
+  """Two 32-bit sums of every array's bits (plain, and weighted by position), keyed by path,
+  and whether every floating value of `tree` is finite.
+
+  Computed on the device (orbax stores no checksums of its own); any flipped bit changes
+  the plain sum, and moved values the weighted one.
+  """
+  sums, finite = jax.device_get(_summaries(tree))
+  keyed = {jax.tree_util.keystr(path): [int(v) for v in value] for path, value in jax.tree_util.tree_leaves_with_path(sums)}
+  return keyed, bool(finite)
+
+
+def checksums(tree: Any) -> dict[str, list[int]]:
+  """The sums of `checksums_and_finiteness`."""
+  return checksums_and_finiteness(tree)[0]
 
 
 def verify_checksums(tree: Any, recorded: dict[str, list[int]]) -> None:

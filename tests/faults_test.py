@@ -127,13 +127,19 @@ def test_a_second_run_in_the_same_workdir_stops_naming_the_first(cache_dir, tmp_
 def test_a_failed_asynchronous_save_stops_the_run_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
   """The plumbing (the real failure is the full-disk test below): once no save is in flight, a
   finished save's error is raised as one RuntimeError naming the newest complete step on disk."""
+  import time
+
   checkpointer = checkpointing.Checkpointer(str(tmp_path), every=1, keep=3)
-  checkpointer.save(1, {"w": np.ones(3, np.float32)}, None, force=True)
-  checkpointer.wait()
 
   def disk_full():
     raise OSError(28, "No space left on device")
 
+  with monkeypatch.context() as patch:  # no save started yet: nothing to check, orbax is not called
+    patch.setattr(checkpointer.manager, "wait_until_finished", disk_full)
+    checkpointer.check_saves()
+  checkpointer.save(1, {"w": np.ones(3, np.float32)}, None, force=True)
+  while checkpointer.manager.is_saving_in_progress():  # finished, its outcome not yet checked
+    time.sleep(0.01)
   monkeypatch.setattr(checkpointer.manager, "wait_until_finished", disk_full)
   with pytest.raises(RuntimeError, match="newest complete checkpoint is step 1.*a full disk"):
     checkpointer.check_saves()
