@@ -41,10 +41,6 @@ class QuantizedKernel(NamedTuple):
   def shape(self) -> tuple[int, ...]:
     return self.codes.shape
 
-  @property
-  def group_size(self) -> int:
-    return self.codes.shape[-2] // self.scale.shape[-2]
-
 
 Kernel = jax.Array | QuantizedKernel
 
@@ -95,13 +91,7 @@ def from_float32(k_IxO: jax.Array, like: Mapping[str, jax.Array]) -> dict[str, j
   if BASE_SCALE not in like:
     return {BASE_KERNEL: k_IxO.astype(kernel.dtype).reshape(kernel.shape)}
   group = k_IxO.shape[0] // like[BASE_SCALE].shape[-2]
-  if BASE_RESIDUAL in like:
-    codes, scale, offset, residual = quantization.quantize_with_residual(k_IxO, group)
-    out = {BASE_RESIDUAL: residual}
-  else:
-    codes, scale, offset = quantization.quantize(k_IxO, group)
-    out = {}
-  return {BASE_KERNEL: codes.reshape(kernel.shape), BASE_SCALE: scale, BASE_OFFSET: offset, **out}
+  return _quantized(k_IxO, kernel.shape, group, BASE_RESIDUAL in like)
 
 
 def initial(k_IxO: jax.Array, kernel_shape: tuple[int, ...], base_dtype: str, group_size: int,
@@ -109,9 +99,14 @@ def initial(k_IxO: jax.Array, kernel_shape: tuple[int, ...], base_dtype: str, gr
   """The stored arrays of a freshly initialized float32 base kernel `(d_in, d_out)`."""
   if base_dtype != "int8":
     return {BASE_KERNEL: k_IxO.astype(base_dtype).reshape(kernel_shape)}
-  if error_feedback:
-    codes, scale, offset, residual = quantization.quantize_with_residual(k_IxO, group_size)
-    extra = {BASE_RESIDUAL: residual}
+  return _quantized(k_IxO, kernel_shape, group_size, error_feedback)
+
+
+def _quantized(k_IxO: jax.Array, kernel_shape: tuple[int, ...], group_size: int, residual: bool) -> dict[str, jax.Array]:
+  """XQ's stored arrays of a float32 `(d_in, d_out)` kernel, codes in the layer's kernel shape."""
+  if residual:
+    codes, scale, offset, packed = quantization.quantize_with_residual(k_IxO, group_size)
+    extra = {BASE_RESIDUAL: packed}
   else:
     codes, scale, offset = quantization.quantize(k_IxO, group_size)
     extra = {}
