@@ -77,23 +77,20 @@ def check_optimizer_state(params, opt_state) -> None:
   state of another model would otherwise be accepted here and fail later, inside `tx.update`)."""
   if opt_state is None:
     return
-  adam = [n for n in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByAdamState))
-          if isinstance(n, optax.ScaleByAdamState)]
-  for node in adam:
-    def same(p, m):
-      if isinstance(m, optax.MaskedNode) or not hasattr(m, "shape"):
-        return
-      if tuple(m.shape) != tuple(jnp.shape(tree_paths.unboxed(p))):
-        raise ValueError(f"the optimizer state holds a moment of shape {tuple(m.shape)} for a parameter of shape"
-                         f" {tuple(jnp.shape(tree_paths.unboxed(p)))}: it belongs to another model; pass the state"
-                         " made by tx.init of these params.")
-    try:
-      jax.tree_util.tree_map(same, params, node.mu, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  is_adam = lambda n: isinstance(n, optax.ScaleByAdamState)
+  another = "it belongs to another model; pass the state made by tx.init of these params."
+  for node in (n for n in jax.tree_util.tree_leaves(opt_state, is_leaf=is_adam) if is_adam(n)):
+    try:  # each parameter beside its first moment (an optax.MaskedNode where its group masks it)
+      pairs = jax.tree_util.tree_leaves(
+          jax.tree_util.tree_map(lambda p, m: (p, m), params, node.mu, is_leaf=lambda x: isinstance(x, optax.MaskedNode)),
+          is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2)
     except ValueError as err:
-      if "optimizer state holds" in str(err):
-        raise
-      raise ValueError(f"the optimizer state's tree does not match these params ({err}): it belongs to another"
-                       " model; pass the state made by tx.init of these params.") from None
+      raise ValueError(f"the optimizer state's tree does not match these params ({err}): {another}") from None
+    for p, m in pairs:
+      shape = tuple(jnp.shape(tree_paths.unboxed(p)))
+      if hasattr(m, "shape") and tuple(m.shape) != shape:
+        raise ValueError(f"the optimizer state holds a moment of shape {tuple(m.shape)} for a parameter of shape {shape}:"
+                         f" {another}")
 
 
 def _poet(variables: Variables):
