@@ -29,3 +29,19 @@ def llama_config(size: str, *, lr: float, poet_lr: float = 1e-3, block_size: int
   c.train.eval_every = 1000
   c.train.checkpoint_every = 1000
   return c
+
+
+def one_gpu_config(size: str, *, seq_len: int, global_batch_size: int, grad_accum_steps: int):
+  """The POET-X 8B/13B recipe on one 80 GB GPU (the POET-X paper's single-H100 set-up): bf16
+  embeddings, norms, head and base kernels (merges still in float32, one layer at a time),
+  float32 generators and moments, full remat (the fast variant then keeps no more than mem).
+  POET-XQ is one override: --config.poet.base_dtype=int8."""
+  c = llama_config(size, lr=1e-3, poet_lr=5e-4, block_size=256, merge_interval=200)
+  c.data.seq_len = seq_len
+  c.model.param_dtype = "bfloat16"
+  c.poet.base_dtype = "bfloat16"
+  c.poet.param_dtype = "float32"
+  c.model.remat = "full"
+  c.train.global_batch_size = global_batch_size
+  c.train.grad_accum_steps = grad_accum_steps
+  return c

@@ -6,16 +6,9 @@ Device:  one H100; measured memory and tokens/s: docs/performance.md, "One GPU: 
          (python -m benchmarks.memory --models 13b --seq_lens 2048).
 """
 
-from configs._llama_common import llama_config
+from configs._llama_common import one_gpu_config
 
 
 def get_config():
-  c = llama_config("13b", lr=1e-3, poet_lr=5e-4, block_size=256, merge_interval=200)
-  c.data.seq_len = 2048  # the POET-X paper's single-GPU 13B set-up
-  c.model.param_dtype = "bfloat16"  # embeddings, norms and head (and their Adam moments)
-  c.poet.base_dtype = "bfloat16"  # frozen base kernels; merges still run in float32, one layer at a time
-  c.poet.param_dtype = "float32"  # the orthogonal generators and their moments
-  c.model.remat = "full"
-  c.train.global_batch_size = 64  # 131k tokens a step
-  c.train.grad_accum_steps = 8  # microbatches of 8 sequences of 2048
-  return c
+  # 64 sequences of 2048 (131k tokens a step), in microbatches of 8
+  return one_gpu_config("13b", seq_len=2048, global_batch_size=64, grad_accum_steps=8)
