@@ -213,10 +213,9 @@ def check_override_names(config, args) -> None:
       fields = list(node.keys()) if hasattr(node, "keys") else []
       if name not in fields:
         section = ".".join(done) or "the config"
-        close = difflib.get_close_matches(name, fields, n=3) or sorted(fields)
-        raise ValueError(f"unknown setting --config.{match.group(1)}: {section} has no field {name!r};"
-                         f" {'did you mean' if difflib.get_close_matches(name, fields) else 'its fields are'}"
-                         f" {', '.join(close)}?")
+        close = difflib.get_close_matches(name, fields, n=3)
+        hint = f"did you mean {', '.join(close)}" if close else f"its fields are {', '.join(sorted(fields))}"
+        raise ValueError(f"unknown setting --config.{match.group(1)}: {section} has no field {name!r}; {hint}?")
       node, done = node[name], done + [name]
 
 
