@@ -31,13 +31,22 @@ def _is_matrix_mask(params):
   return jax.tree_util.tree_map(lambda label: label == optim.MATRIX, optim.param_labels(params))
 
 
+def _names(path) -> list[str]:
+  return [str(getattr(p, "key", p)) for p in path]
+
+
+def _is_hidden_kernel(path) -> bool:
+  """A blocks' dense kernel: what Muon and GaLore treat as a matrix (not the embedding, not the head)."""
+  names = _names(path)
+  return names[-1] == "kernel" and "embed" not in names and "lm_head" not in names
+
+
 def _muon_dimensions(params):
   """Muon acts on the blocks' kernels (`(d_in, d_out)`, or stacked `(L, d_in, d_out)` under
   nn.scan); embeddings, the head and vectors use Adam."""
 
   def dims(path, leaf):
-    names = [str(getattr(p, "key", p)) for p in path]
-    if names[-1] != "kernel" or "embed" in names or "lm_head" in names:
+    if not _is_hidden_kernel(path):
       return None
     return optax.contrib.MuonDimensionNumbers(reduction_axis=(leaf.ndim - 2,), output_axis=(leaf.ndim - 1,))
 
@@ -52,12 +61,11 @@ def _galore_dimensions(params):
   """
 
   def dims(path, leaf):
-    names = [str(getattr(p, "key", p)) for p in path]
-    if names[-1] != "kernel" or "embed" in names or "lm_head" in names:
+    if not _is_hidden_kernel(path):
       return None
     if leaf.ndim != 2:
       raise ValueError(
-          f"optimizer.name='galore' projects 2-D kernels, but {'/'.join(names)} has shape {leaf.shape}"
+          f"optimizer.name='galore' projects 2-D kernels, but {'/'.join(_names(path))} has shape {leaf.shape}"
           " (layers stacked by nn.scan): set model.scan_layers=False."
       )
     return optax.contrib.GaLoreDimensionNumbers(reduction_axis=0, output_axis=1)
