@@ -92,15 +92,11 @@ def _grid(k_NxGxO: jax.Array) -> tuple[jax.Array, jax.Array]:
   return scale_NxO, low_NxO
 
 
-def _encode(k_IxO: jax.Array, group_size: int, noise_IxO: jax.Array | None):
-  """Codes, scale and offset; rounds to nearest, or stochastically with U[0, 1) noise."""
+def _encode(k_IxO: jax.Array, group_size: int):
+  """Codes (rounded to nearest), scale and offset."""
   k_NxGxO = _grouped(k_IxO.astype(jnp.float32), group_size)
   scale_NxO, offset_NxO = _grid(k_NxGxO)
-  t_NxGxO = (k_NxGxO - offset_NxO[..., None, :]) / scale_NxO[..., None, :]
-  if noise_IxO is None:
-    t_NxGxO = jnp.round(t_NxGxO)
-  else:
-    t_NxGxO = jnp.floor(t_NxGxO + _grouped(noise_IxO, group_size))
+  t_NxGxO = jnp.round((k_NxGxO - offset_NxO[..., None, :]) / scale_NxO[..., None, :])
   codes_IxO = _ungrouped(jnp.clip(t_NxGxO, 0, _LEVELS)).astype(jnp.uint8)
   return codes_IxO, scale_NxO, offset_NxO
 
@@ -120,31 +116,7 @@ def quantize(k_IxO: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array, j
     ValueError: if `k_IxO` has fewer than 2 axes or `G` does not divide `I`.
   """
   _check_kernel(k_IxO, group_size, "quantize")
-  return _encode(k_IxO, group_size, None)
-
-
-def stochastic_quantize(
-    k_IxO: jax.Array, group_size: int, key: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Like `quantize`, but rounds stochastically: `code = floor(t + u)`, `u ~ U[0, 1)`.
-
-  The dequantized kernel is unbiased (`E[dequantize] = k` on the grid) and each
-  value lies within one step (`scale`) of the original.
-
-  Args:
-    k_IxO: `(..., I, O)` kernel, any float dtype (computed in float32).
-    group_size: `G`, a divisor of `I`; static under jit.
-    key: a JAX PRNG key.
-
-  Returns:
-    `(codes, scale, offset)` as in `quantize`.
-
-  Raises:
-    ValueError: if `k_IxO` has fewer than 2 axes or `G` does not divide `I`.
-  """
-  _check_kernel(k_IxO, group_size, "stochastic_quantize")
-  noise_IxO = jax.random.uniform(key, k_IxO.shape, jnp.float32)
-  return _encode(k_IxO, group_size, noise_IxO)
+  return _encode(k_IxO, group_size)
 
 
 def dequantize(
@@ -213,7 +185,7 @@ def quantize_with_residual(
   _check_kernel(target_IxO, group_size, "quantize_with_residual")
   _check_even(group_size, "quantize_with_residual")
   target_IxO = target_IxO.astype(jnp.float32)
-  codes_IxO, scale_NxO, offset_NxO = _encode(target_IxO, group_size, None)
+  codes_IxO, scale_NxO, offset_NxO = _encode(target_IxO, group_size)
   residual_NxGxO = _grouped(target_IxO - dequantize(codes_IxO, scale_NxO, offset_NxO), group_size)
   steps_NxGxO = residual_NxGxO / (scale_NxO[..., None, :] / _RESIDUAL_STEPS)
   levels_NxGxO = jnp.clip(jnp.round(steps_NxGxO) + _RESIDUAL_CENTER, 0, 2 * _RESIDUAL_CENTER)
